@@ -1,0 +1,126 @@
+"""Model registry: `create_model`, `list_models`, `get_model_info` (see ../shared/CONTRACT.md).
+
+Each architecture module registers its variants with `@register_model(...)`, timm style:
+
+    @register_model(params=1_272_024, default_size=256, size_divisor=32, family="mobilevit")
+    def mobilevit_xxs(*, num_classes=1000, input_size=None, **overrides) -> keras.Model: ...
+
+`params` is the exact trainable parameter count at 1000 classes of the reference
+implementation; a test builds every model and checks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+from typing import Callable
+
+# Modules that register models; imported lazily on first use so `import models` stays cheap.
+_MODEL_MODULES = ("models.vit", "models.mobilevit", "models.efficientformer", "models.mobile_former")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """Static facts about a registered model."""
+
+    name: str
+    params: int  # exact trainable parameters at 1000 classes
+    default_size: int  # default square input size
+    size_divisor: int  # input sizes must be multiples of this
+    fixed_size: bool  # True: only `default_size` (or sizes the model interpolates to) is exact
+    family: str
+    role: str  # "student" or "teacher"
+    builder: Callable = dataclasses.field(repr=False, compare=False, default=None)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+_loaded = False
+
+
+def register_model(
+    *,
+    params: int,
+    default_size: int,
+    size_divisor: int,
+    family: str,
+    role: str = "student",
+    fixed_size: bool = False,
+):
+    """Decorator that registers a model builder under its function name."""
+    if role not in ("student", "teacher"):
+        raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
+
+    def wrap(fn):
+        name = fn.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelInfo(
+            name=name,
+            params=params,
+            default_size=default_size,
+            size_divisor=size_divisor,
+            fixed_size=fixed_size,
+            family=family,
+            role=role,
+            builder=fn,
+        )
+        return fn
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        for module in _MODEL_MODULES:
+            importlib.import_module(module)
+        _loaded = True
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Sorted registered names, optionally filtered by a glob such as ``"mobilevit_*"``."""
+    _ensure_loaded()
+    names = sorted(_REGISTRY)
+    if pattern is not None:
+        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return names
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """The `ModelInfo` of a registered model; unknown names raise `ValueError` listing the known."""
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def check_input_size(name: str, input_size: int | None) -> None:
+    """Raise a clear `ValueError` if `input_size` is not a size the model can take."""
+    info = get_model_info(name)
+    if input_size is None:
+        return
+    if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size <= 0:
+        raise ValueError(f"input_size must be a positive int or None, got {input_size!r}")
+    if input_size % info.size_divisor:
+        raise ValueError(
+            f"{name} takes input sizes that are multiples of {info.size_divisor}; got {input_size}"
+        )
+
+
+def create_model(name: str, num_classes: int = 1000, input_size: int | None = None, **overrides):
+    """Build a registered model as a tf-keras functional model returning class logits.
+
+    Args:
+      name: a name from `list_models()`.
+      num_classes: size of the classification head.
+      input_size: None for (None, None, 3) inputs where the model takes any multiple of its
+        size divisor (its default size otherwise); an int for a fixed SxSx3 input.
+      **overrides: architecture options of the family (e.g. `dropout`,
+        `with_distillation_head` for EfficientFormer).
+    """
+    info = get_model_info(name)
+    check_input_size(name, input_size)
+    if not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return info.builder(num_classes=num_classes, input_size=input_size, **overrides)

@@ -1,0 +1,1 @@
+"""Experiment scripts (run as `python -m experiments.<name>`) and their input pipeline."""

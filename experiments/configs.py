@@ -1,0 +1,104 @@
+"""Presets of the pipeline: `smoke` (CI, minutes on a 2-core CPU), `quick` (real Imagenette
+figures on a 2-core CPU in about two hours), `full` (the papers' recipes, for a GPU machine).
+
+Every value can be overridden on the command line as `--config.<section>.<key>=value`
+(ml_collections: types are checked and unknown keys are refused). Step counts are optimizer
+steps; `None` sizes mean "the student's default size".
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("smoke", "quick", "full")
+
+
+def _sampler(min_size, max_size, n_scales, base_size, base_batch, multiscale=True):
+    return dict(multiscale=multiscale, min_size=min_size, max_size=max_size, n_scales=n_scales,
+                base_size=base_size, base_batch=base_batch)
+
+
+def _optim(steps, lr, weight_decay, warmup_steps, min_lr_ratio=0.01, label_smoothing=0.1):
+    return dict(steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing)
+
+
+def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r}; accepted: {', '.join(PRESETS)}")
+    smoke, quick = preset == "smoke", preset == "quick"
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.seed = 0
+    c.mixed_precision = "mixed_bfloat16" if quick else ("float32" if smoke else "mixed_float16")
+
+    c.data = dict(
+        # Small real subset for smoke; 0 = everything.
+        train_per_class=12 if smoke else 0,
+        val_per_class=5 if smoke else 0,
+        crop_pct=0.875,
+        scale_min=0.25 if smoke else 0.08,  # random-resized-crop lower area bound
+        randaugment=not smoke and not quick,
+        mixup=0.0,
+        cutmix=0.0,
+    )
+    c.teacher = dict(
+        input_size=64 if smoke else (128 if quick else 224),
+        batch_size=16 if smoke else (64 if quick else 256),
+        checkpoint_every=10 if smoke else 200,
+        eval_every=0,  # 0: evaluate at the end only
+        **_optim(steps=8 if smoke else (1200 if quick else 100_000), lr=1e-3,
+                 weight_decay=0.05, warmup_steps=2 if smoke else (150 if quick else 5000)),
+    )
+    c.distill = dict(
+        kind="soft",  # soft | hard | none
+        alpha=0.5,
+        temperature=2.0,
+        baseline=quick,  # also train a labels-only student at the same budget, for comparison
+        checkpoint_every=10 if smoke else 200,
+        eval_every=0,
+        sampler=_sampler(*( (64, 96, 2, 64, 16) if smoke else
+                            ((128, 256, 5, 192, 48) if quick else (160, 320, 5, 256, 128)))),
+        **_optim(steps=8 if smoke else (1200 if quick else 300_000), lr=2e-3,
+                 weight_decay=0.01 if not smoke else 0.0,
+                 warmup_steps=2 if smoke else (150 if quick else 20_000)),
+    )
+    c.prune = dict(
+        target_sparsity=0.5,
+        schedule="polynomial",  # polynomial | constant
+        m_by_n="",  # "" or "2:4"
+        skip=("*_dw*", "head*", "stem*"),  # layer-name globs that stay dense
+        begin_frac=0.0,
+        end_frac=0.7,
+        frequency=2 if smoke else 50,
+        kd_alpha=0.5,
+        checkpoint_every=10 if smoke else 200,
+        **_optim(steps=6 if smoke else (400 if quick else 30_000), lr=5e-4,
+                 weight_decay=0.0, warmup_steps=0, label_smoothing=0.1),
+    )
+    c.qat = dict(
+        preserve_sparsity=True,
+        kd_alpha=0.5,
+        checkpoint_every=10 if smoke else 200,
+        **_optim(steps=4 if smoke else (300 if quick else 10_000), lr=1e-4,
+                 weight_decay=0.0, warmup_steps=0, label_smoothing=0.1),
+    )
+    for stage in (c.prune, c.qat):
+        stage.batch_size = 16 if smoke else 48
+    c.export = dict(
+        size=64 if smoke else 0,  # 0: the student's default size
+        representative_images=8 if smoke else 200,
+        xnnpack_friendly=True,
+        formats=dict(distill=("fp32", "fp16", "drq", "int8"),
+                     prune=("fp32", "int8", "fp32_sparse", "int8_sparse"),
+                     qat=("int8",)),
+    )
+    c.benchmark = dict(
+        threads=(1,) if smoke else (1, 0),  # 0: all cores
+        delegates=("xnnpack",) if smoke else ("xnnpack", "none"),
+        warmup=3 if smoke else 10,
+        runs=10 if smoke else 100,
+        val_limit=50 if smoke else 0,  # images scored per file; 0 = the whole val split
+    )
+    c.eval_batch_size = 32 if smoke else 64
+    return c

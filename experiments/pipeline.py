@@ -1,0 +1,121 @@
+"""The whole pipeline in one command: teacher -> distill -> prune -> qat -> export -> benchmark
+-> report (../shared/CONTRACT.md).
+
+    python -m experiments.pipeline --student=mobilevit_xxs --teacher=vit_tiny_patch16 \
+        --data=../shared/data/imagenette2-160 --workdir=runs/xxs --preset=quick
+    tensorboard --logdir runs/xxs/tb
+
+Overrides: any preset value as `--config.<section>.<key>=value`, e.g.
+`--config.distill.steps=500 --config.prune.target_sparsity=0.7` (see experiments/configs.py).
+A finished stage (its folder has DONE) is skipped; `--overwrite` redoes the selected stages;
+a stage killed part-way resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+STAGES = ("teacher", "distill", "prune", "qat", "export", "benchmark", "report")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+_CONFIG_FILE = str(pathlib.Path(__file__).with_name("configs.py"))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("student", None, "registry name of the student (see models.list_models())")
+flags.DEFINE_string("teacher", None, "registry name of a ViT teacher (trained in the teacher "
+                    "stage), a teacher stage folder saved by this project, or a Google ViT .npz")
+flags.DEFINE_string("data", None, "folder with train/ and val/ class subfolders, or tfds:NAME")
+flags.DEFINE_string("workdir", None, "output folder (see CONTRACT.md for its layout)")
+flags.DEFINE_enum("preset", "smoke", ("smoke", "quick", "full"), "hyperparameter preset")
+flags.DEFINE_list("stages", list(STAGES), f"stages to run, a subset of {','.join(STAGES)}")
+flags.DEFINE_bool("overwrite", False, "redo the selected stages even if they are DONE")
+flags.DEFINE_enum("strategy", "default", STRATEGIES, "tf.distribute strategy for training")
+flags.DEFINE_integer("export_size", None, "square input size of every exported file "
+                     "(default: the preset's evaluation size)")
+config_flags.DEFINE_config_file("config", f"{_CONFIG_FILE}:smoke",
+                                "preset config; set by --preset, override keys as --config.a.b=v",
+                                lock_config=True)
+flags.mark_flags_as_required(["student", "teacher", "data", "workdir"])
+
+
+def _preset_to_config(argv: list[str]) -> list[str]:
+    """`--preset=X` selects the config file argument, so `--config.*` overrides apply on top."""
+    preset = "smoke"
+    for i, a in enumerate(argv):
+        if a.startswith("--preset="):
+            preset = a.split("=", 1)[1]
+        elif a == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+    from experiments.configs import PRESETS
+
+    if preset not in PRESETS:
+        sys.exit(f"FATAL Flags parsing error: --preset: unknown preset {preset!r}; "
+                 f"accepted: {', '.join(PRESETS)}")
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        sys.exit("FATAL Flags parsing error: choose the preset with --preset, not --config")
+    return argv + [f"--config={_CONFIG_FILE}:{preset}"]
+
+
+def validate_flags() -> None:
+    """Refuse bad names and values up front, naming the flag and what is accepted."""
+    import models
+    from experiments.configs import PRESETS  # noqa: F401
+
+    unknown = [s for s in FLAGS.stages if s not in STAGES]
+    if unknown:
+        raise app.UsageError(f"--stages: unknown stage(s) {unknown}; accepted: {','.join(STAGES)}")
+    students = [n for n in models.list_models() if models.get_model_info(n).role == "student"]
+    if FLAGS.student not in models.list_models():
+        raise app.UsageError(f"--student: unknown model {FLAGS.student!r}; accepted: "
+                             f"{', '.join(students)}")
+    teacher = FLAGS.teacher
+    if teacher not in models.list_models() and not os.path.exists(teacher):
+        teachers = [n for n in models.list_models() if models.get_model_info(n).role == "teacher"]
+        raise app.UsageError(f"--teacher: {teacher!r} is neither a registry name ({', '.join(teachers)})"
+                             " nor an existing teacher folder or .npz file")
+    info = models.get_model_info(FLAGS.student)
+    if FLAGS.export_size is not None and (FLAGS.export_size <= 0 or
+                                          FLAGS.export_size % info.size_divisor):
+        raise app.UsageError(f"--export_size: {FLAGS.export_size} is not a positive multiple of "
+                             f"{info.size_divisor}, which {FLAGS.student} needs")
+    c = FLAGS.config
+    checks = {"distill.kind": (c.distill.kind, ("soft", "hard", "none")),
+              "prune.schedule": (c.prune.schedule, ("polynomial", "constant")),
+              "prune.m_by_n": (c.prune.m_by_n, ("", "2:4"))}
+    for key, (value, accepted) in checks.items():
+        if value not in accepted:
+            raise app.UsageError(f"--config.{key}: {value!r} is not accepted; accepted: {accepted}")
+    if not 0 <= c.prune.target_sparsity < 1:
+        raise app.UsageError(f"--config.prune.target_sparsity must be in [0, 1), got "
+                             f"{c.prune.target_sparsity}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    validate_flags()
+    from experiments import stages
+
+    run = stages.Run(student=FLAGS.student, teacher=FLAGS.teacher, data=FLAGS.data,
+                     workdir=FLAGS.workdir, config=FLAGS.config, strategy=FLAGS.strategy,
+                     export_size=FLAGS.export_size, overwrite=FLAGS.overwrite)
+    start = time.time()
+    for stage in STAGES:
+        if stage in FLAGS.stages:
+            run.run_stage(stage)
+    logging.info("pipeline finished in %.1f min; workdir %s", (time.time() - start) / 60,
+                 FLAGS.workdir)
+    print(f"done in {(time.time() - start) / 60:.1f} min: {FLAGS.workdir}")
+
+
+def run_cli():
+    app.run(main, argv=_preset_to_config(sys.argv))
+
+
+if __name__ == "__main__":
+    run_cli()

@@ -1,0 +1,390 @@
+"""The stages of `experiments.pipeline`, each reading the previous stage's folder.
+
+teacher  -> teacher/   a ViT trained from labels, loaded from a folder, or a Google .npz fine-tuned
+distill  -> distill/   the student trained from the frozen teacher (+ a labels-only baseline)
+prune    -> prune/     magnitude pruning while the teacher keeps teaching; stored stripped
+qat      -> qat/       quantization-aware fine-tuning (sparsity preserved) with the teacher
+export   -> export/    <model>.<stage>.<format>.tflite, audited (ops, partitions, parity)
+benchmark-> results.csv  latency, accuracy and agreement of every file
+report   -> report.md, *.png, tb/hparams
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+import shutil
+
+import numpy as np
+from absl import logging
+
+import models
+from experiments.workdir import StageDir, read_json, write_json
+from models.compat import keras, tf
+
+EXPORT_STAGES = ("distill", "prune", "qat")
+
+
+class Run:
+    """Everything one pipeline invocation shares: config, data sources, strategy, paths."""
+
+    def __init__(self, *, student, teacher, data, workdir, config, strategy="default",
+                 export_size=None, overwrite=False):
+        from compress import training
+        from experiments import input_pipeline
+
+        self.student, self.teacher_arg, self.data = student, teacher, data
+        self.workdir = pathlib.Path(workdir)
+        self.cfg = config
+        self.overwrite = overwrite
+        self.info = models.get_model_info(student)
+        self.export_size = export_size or config.export.size or self.info.default_size
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tb = self.workdir / "tb"
+        d = config.data
+        self.train_src = input_pipeline.load_source(data, "train",
+                                                    limit_per_class=d.train_per_class or None)
+        self.val_src = input_pipeline.load_source(data, "val",
+                                                  limit_per_class=d.val_per_class or None)
+        self.num_classes = self.train_src.num_classes
+        self.strategy = training.get_strategy(strategy)
+        self.replicas = self.strategy.num_replicas_in_sync
+        if config.mixed_precision != "float32":
+            keras.mixed_precision.set_global_policy(config.mixed_precision)
+
+    # ---------------------------------------------------------------------------------------
+    def run_stage(self, name: str) -> None:
+        stage = StageDir(self.workdir, name)
+        if self.overwrite and name in ("teacher", "distill", "prune", "qat", "export"):
+            stage.reset()
+        if stage.done and not self.overwrite:
+            logging.info("stage %s is DONE, skipped (use --overwrite to redo it)", name)
+            print(f"[{name}] done already, skipped")
+            return
+        print(f"[{name}] starting")
+        getattr(self, f"stage_{name}")(stage)
+
+    def _require(self, name: str) -> StageDir:
+        stage = StageDir(self.workdir, name)
+        if not stage.done:
+            raise RuntimeError(f"stage {name!r} has not finished in {self.workdir}; run it first "
+                               f"(--stages={name},...)")
+        return stage
+
+    # --------------------------------------------------------------------------- data helpers
+    def _sampler(self, section, *, size=None, batch=None):
+        from experiments.input_pipeline import MultiScaleSampler
+
+        if size is not None:
+            return MultiScaleSampler.fixed(size, batch, num_replicas=self.replicas)
+        s = section.sampler
+        if not s.multiscale:
+            return MultiScaleSampler.fixed(s.base_size, s.base_batch, num_replicas=self.replicas)
+        return MultiScaleSampler(min_size=s.min_size, max_size=s.max_size, n_scales=s.n_scales,
+                                 base_size=s.base_size, base_batch=s.base_batch,
+                                 seed=self.cfg.seed, num_replicas=self.replicas)
+
+    def _train_ds_factory(self, sampler):
+        from experiments import input_pipeline
+
+        d = self.cfg.data
+
+        def make(start_step: int):
+            return input_pipeline.train_dataset(
+                self.train_src, sampler, start_step=start_step, seed=self.cfg.seed,
+                scale_min=d.scale_min, randaugment=d.randaugment, mixup=d.mixup,
+                cutmix=d.cutmix)
+
+        return make
+
+    def _val_ds(self, size):
+        from experiments import input_pipeline
+
+        return input_pipeline.eval_dataset(self.val_src, size=size,
+                                           batch_size=self.cfg.eval_batch_size,
+                                           crop_pct=self.cfg.data.crop_pct)
+
+    # --------------------------------------------------------------------------- model helpers
+    def build_student(self, input_size=None, *, training_heads=False):
+        kwargs = {}
+        if training_heads and self.info.family == "efficientformer":
+            kwargs["with_distillation_head"] = True
+        if self.info.fixed_size and input_size is None:
+            input_size = self.info.default_size
+        return models.create_model(self.student, num_classes=self.num_classes,
+                                   input_size=input_size, **kwargs)
+
+    def load_teacher(self):
+        stage = self._require("teacher")
+        spec = stage.model_json()
+        teacher = models.create_model(spec["name"], num_classes=spec["num_classes"])
+        teacher.load_weights(str(stage.weights))
+        teacher.trainable = False
+        return teacher, spec.get("input_size", models.get_model_info(spec["name"]).default_size)
+
+    def _optim_kwargs(self, section):
+        return dict(steps=section.steps, lr=section.lr, weight_decay=section.weight_decay,
+                    warmup_steps=section.warmup_steps, min_lr_ratio=section.min_lr_ratio,
+                    label_smoothing=section.label_smoothing)
+
+    def _fit(self, stage: StageDir, model_fn, sampler, section, *, tb_name, eval_size,
+             callbacks_fn=None):
+        """Train `model_fn()` (built inside the strategy scope) and evaluate at `eval_size`."""
+        from compress import training
+
+        with self.strategy.scope():
+            model = model_fn()
+        callbacks = callbacks_fn() if callbacks_fn else []
+        return model, training.train(
+            model, self._train_ds_factory(sampler), workdir=str(stage.path),
+            logdir=str(self.tb / tb_name), val_ds=self._val_ds(eval_size),
+            strategy=self.strategy, callbacks=callbacks,
+            checkpoint_every=section.checkpoint_every, **self._optim_kwargs(section))
+
+    # ---------------------------------------------------------------------------------- stages
+    def stage_teacher(self, stage: StageDir) -> None:
+        from compress.distill import Distiller
+
+        t = self.cfg.teacher
+        stage.begin({"teacher": self.teacher_arg, **t.to_dict()})
+        arg = self.teacher_arg
+        if os.path.isdir(arg):  # a teacher stage folder saved by this project
+            src = StageDir(pathlib.Path(arg).parent, pathlib.Path(arg).name)
+            spec = src.model_json()
+            if spec["num_classes"] != self.num_classes:
+                raise ValueError(f"--teacher: {arg} has {spec['num_classes']} classes, the data "
+                                 f"has {self.num_classes}")
+            shutil.copy(src.weights, stage.weights)
+            stage.save_model_json(**spec)
+            teacher, size = self.load_teacher_from(stage)
+            top1 = self._evaluate_keras(teacher, size)
+            stage.finish({"val_top1": top1, "source": arg, "trained_steps": 0})
+            return
+        npz = arg if arg.endswith(".npz") else None
+        name = self._teacher_name_for_npz(npz) if npz else arg
+        size = t.input_size
+
+        def build():
+            m = models.create_model(name, num_classes=self.num_classes)
+            if npz:
+                from models.vit import load_google_npz
+
+                load_google_npz(m, npz)
+            return Distiller(m, None, label_smoothing=t.label_smoothing)
+
+        distiller, metrics = self._fit(stage, build, self._sampler(None, size=size,
+                                                                   batch=t.batch_size),
+                                       t, tb_name="teacher", eval_size=size)
+        stage.save_weights(distiller.student)
+        stage.save_model_json(name=name, num_classes=self.num_classes, input_size=size,
+                              source=npz or "scratch")
+        stage.finish(metrics)
+
+    def load_teacher_from(self, stage):
+        spec = stage.model_json()
+        teacher = models.create_model(spec["name"], num_classes=spec["num_classes"])
+        teacher.load_weights(str(stage.weights))
+        teacher.trainable = False
+        return teacher, spec.get("input_size", 224)
+
+    @staticmethod
+    def _teacher_name_for_npz(path):
+        width = np.load(path)["embedding/kernel"].shape[-1]
+        by_width = {192: "vit_tiny_patch16", 384: "vit_small_patch16", 768: "vit_base_patch16"}
+        if width not in by_width:
+            raise ValueError(f"--teacher: {path} has width {width}; supported ViT widths "
+                             f"{sorted(by_width)}")
+        return by_width[width]
+
+    def _evaluate_keras(self, model, size) -> float:
+        correct = total = 0
+        for images, labels in self._val_ds(size):
+            pred = np.argmax(model(images, training=False).numpy(), -1)
+            correct += int((pred == labels.numpy()).sum())
+            total += len(pred)
+        return correct / max(total, 1)
+
+    def _student_fit(self, stage, section, *, kind, alpha, student_fn, tb_name, callbacks_fn=None):
+        from compress.distill import Distiller
+
+        teacher, teacher_size = self.load_teacher() if kind != "none" else (None, None)
+
+        def build():
+            return Distiller(student_fn(), teacher, kind=kind, alpha=alpha,
+                             temperature=self.cfg.distill.temperature, teacher_size=teacher_size,
+                             label_smoothing=section.label_smoothing)
+
+        sampler = self._sampler(self.cfg.distill)
+        return self._fit(stage, build, sampler, section, tb_name=tb_name,
+                         eval_size=self.export_size, callbacks_fn=callbacks_fn)
+
+    def stage_distill(self, stage: StageDir) -> None:
+        d = self.cfg.distill
+        stage.begin({"student": self.student, **d.to_dict()})
+        metrics = {}
+        if d.baseline and d.kind != "none":
+            base = StageDir(stage.path, "baseline")
+            if not base.done:
+                base.begin({"kind": "none"})
+                distiller, m = self._student_fit(base, d, kind="none", alpha=0.0,
+                                                 student_fn=lambda: self.build_student(
+                                                     training_heads=True),
+                                                 tb_name="distill_baseline")
+                base.save_weights(distiller.student)
+                base.finish(m)
+            metrics["baseline_val_top1"] = base.metrics().get("val_top1")
+        distiller, m = self._student_fit(stage, d, kind=d.kind, alpha=d.alpha,
+                                         student_fn=lambda: self.build_student(training_heads=True),
+                                         tb_name="distill")
+        stage.save_weights(distiller.student)
+        stage.save_model_json(name=self.student, num_classes=self.num_classes)
+        stage.finish({**m, **metrics})
+
+    def _load_student(self, stage_name, *, input_size=None, training_heads=False):
+        src = self._require(stage_name)
+        model = self.build_student(input_size, training_heads=training_heads)
+        model.load_weights(str(src.weights))
+        return model
+
+    def _prune_kwargs(self):
+        p = self.cfg.prune
+        return dict(target_sparsity=p.target_sparsity, schedule=p.schedule,
+                    begin_step=int(p.begin_frac * p.steps), end_step=max(1, int(p.end_frac * p.steps)),
+                    frequency=p.frequency, m_by_n=(2, 4) if p.m_by_n == "2:4" else None,
+                    skip=tuple(p.skip))
+
+    def stage_prune(self, stage: StageDir) -> None:
+        from compress import prune
+
+        p = self.cfg.prune
+        stage.begin({"student": self.student, **p.to_dict()})
+
+        def student_fn():
+            return prune.apply_pruning(self._load_student("distill", training_heads=True),
+                                       **self._prune_kwargs())
+
+        distiller, m = self._student_fit(
+            stage, p, kind=self.cfg.distill.kind, alpha=p.kd_alpha, student_fn=student_fn,
+            tb_name="prune", callbacks_fn=lambda: prune.pruning_callbacks(str(self.tb / "prune")))
+        stripped = prune.strip(distiller.student)
+        report = prune.sparsity_report(stripped)
+        stage.save_weights(stripped)
+        stage.save_model_json(name=self.student, num_classes=self.num_classes, wrappers=["prune"],
+                              prune=self._prune_kwargs())
+        write_json(stage.path / "sparsity.json", report)
+        stage.finish({**m, "sparsity": report.get("overall")})
+
+    def stage_qat(self, stage: StageDir) -> None:
+        from compress import quantize
+
+        q = self.cfg.qat
+        stage.begin({"student": self.student, **q.to_dict()})
+        source = "prune" if StageDir(self.workdir, "prune").done else "distill"
+
+        def student_fn():
+            return quantize.apply_qat(self._load_student(source, training_heads=True),
+                                      preserve_sparsity=q.preserve_sparsity and source == "prune")
+
+        distiller, m = self._student_fit(stage, q, kind=self.cfg.distill.kind, alpha=q.kd_alpha,
+                                         student_fn=student_fn, tb_name="qat")
+        stage.save_weights(distiller.student)
+        stage.save_model_json(name=self.student, num_classes=self.num_classes,
+                              wrappers=[w for w in ("prune", "qat") if w != "prune" or
+                                        source == "prune"], source_stage=source)
+        stage.finish(m)
+
+    # ---------------------------------------------------------------------------------- export
+    def inference_model(self, stage_name, input_size):
+        """Rebuild the inference graph of a finished stage at a fixed input size."""
+        from compress import quantize
+
+        src = self._require(stage_name)
+        if stage_name != "qat":
+            return self._load_student(stage_name, input_size=input_size)
+        train_model = quantize.apply_qat(self.build_student(input_size, training_heads=True),
+                                         preserve_sparsity=False)
+        train_model.load_weights(str(src.weights))
+        if self.info.family != "efficientformer":
+            return train_model
+        infer = quantize.apply_qat(self.build_student(input_size), preserve_sparsity=False)
+        infer.set_weights(train_model.get_weights())
+        return infer
+
+    def stage_export(self, stage: StageDir) -> None:
+        from compress.audit import audit_tflite
+        from compress.export import export_tflite
+        from experiments.input_pipeline import representative_images
+
+        e, size = self.cfg.export, self.export_size
+        stage.begin({"size": size, **e.to_dict()})
+        rep = representative_images(self.train_src, size, e.representative_images)
+        manifest_path = stage.path / "manifest.json"
+        manifest = read_json(manifest_path) if manifest_path.exists() else {}
+        for stage_name in EXPORT_STAGES:
+            if not StageDir(self.workdir, stage_name).done:
+                print(f"[export] {stage_name} not trained, skipped")
+                continue
+            model = self.inference_model(stage_name, size)
+            for fmt in e.formats[stage_name]:
+                rel = f"export/{self.student}.{stage_name}.{fmt}.tflite"
+                if rel in manifest and (self.workdir / rel).exists():
+                    continue
+                meta = export_tflite(model, str(self.workdir / rel), fmt=fmt, input_size=size,
+                                     representative=rep, xnnpack_friendly=e.xnnpack_friendly)
+                manifest[rel] = {"stage": stage_name, "format": fmt, "input_size": size,
+                                 **meta, "audit": audit_tflite(str(self.workdir / rel))}
+                write_json(manifest_path, manifest)
+                print(f"[export] {rel}: {meta.get('size_bytes', 0):,} bytes")
+            keras.backend.clear_session()
+        stage.finish({"files": sorted(manifest)})
+
+    # ------------------------------------------------------------------------------- benchmark
+    def stage_benchmark(self, stage: StageDir) -> None:
+        from compress import benchmark, results
+        from compress.export import static_costs
+
+        b = self.cfg.benchmark
+        stage.begin(b.to_dict())
+        manifest = read_json(self._require("export").path / "manifest.json")
+        size = self.export_size
+        val = self._val_ds(size)
+        if b.val_limit:
+            val = val.unbatch().take(b.val_limit).batch(self.cfg.eval_batch_size)
+        done = results.existing_keys(self.workdir)
+        keras_preds, costs = {}, {}
+        for rel, meta in sorted(manifest.items()):
+            stage_name, fmt = meta["stage"], meta["format"]
+            if stage_name not in keras_preds:
+                model = self.inference_model(stage_name, size)
+                keras_preds[stage_name] = np.concatenate(
+                    [np.argmax(model(x, training=False).numpy(), -1) for x, _ in val])
+                costs[stage_name] = static_costs(model, size)
+                keras.backend.clear_session()
+            scored = benchmark.evaluate_tflite(str(self.workdir / rel), val)
+            agreement = float(np.mean(np.asarray(scored["predictions"]) == keras_preds[stage_name]))
+            for threads in b.threads:
+                threads = threads or os.cpu_count()
+                for delegate in b.delegates:
+                    if (rel, threads, delegate) in done:
+                        continue
+                    lat = benchmark.measure_latency(str(self.workdir / rel), threads=threads,
+                                                    delegate=delegate, warmup=b.warmup,
+                                                    runs=b.runs)
+                    results.append_row(self.workdir, results.make_row(
+                        model=self.student, stage=stage_name, fmt=fmt, path=rel, input_size=size,
+                        threads=threads, delegate=delegate, latency=lat, top1=scored["top1"],
+                        agreement=agreement, audit=meta["audit"], costs=costs[stage_name],
+                        meta=meta))
+        stage.finish({"rows": len(results.read_rows(self.workdir))})
+
+    def stage_report(self, stage: StageDir) -> None:
+        from compress import results
+
+        stage.begin({})
+        metrics = {s: StageDir(self.workdir, s).metrics() for s in ("teacher", "distill", "prune",
+                                                                    "qat")}
+        results.write_report(self.workdir, stage_metrics=metrics)
+        results.write_hparams(self.workdir, results.read_rows(self.workdir))
+        stage.finish({"report": str(self.workdir / "report.md"),
+                      "plots": sorted(glob.glob(str(self.workdir / "*.png")))})

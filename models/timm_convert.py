@@ -1,0 +1,77 @@
+"""Convert timm (PyTorch) weights of the students into our Keras models.
+
+Each family module provides `convert_timm_state_dict(model, state_dict)` taking NumPy arrays
+keyed by timm's parameter names, so the models themselves never import torch. This module
+adds the reading of checkpoint files (torch is imported only here, lazily).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+import models
+from models.compat import keras
+
+# Registry name -> timm model name (identical today; kept explicit for the day they differ).
+TIMM_NAMES = {
+    "mobilevit_xxs": "mobilevit_xxs",
+    "mobilevit_xs": "mobilevit_xs",
+    "mobilevit_s": "mobilevit_s",
+    "efficientformer_l1": "efficientformer_l1",
+    "efficientformer_l3": "efficientformer_l3",
+    "efficientformer_l7": "efficientformer_l7",
+}
+_FAMILY_MODULES = {"mobilevit": "models.mobilevit", "efficientformer": "models.efficientformer"}
+_HEAD_KEYS = ("head.fc.weight", "head.weight")  # MobileViT, EfficientFormer class heads
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Read a timm checkpoint (`.pth`/`.pt`/`.bin` torch pickle, or `.safetensors`) as NumPy."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.numpy import load_file
+
+            return dict(load_file(path))
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"--checkpoint: no such file {path!r}") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets one clear message
+        raise ValueError(f"--checkpoint: cannot read {path!r} as a timm checkpoint: {e}") from e
+    for key in ("state_dict", "model", "state_dict_ema"):  # training checkpoints nest it
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise ValueError(f"--checkpoint: {path!r} holds a {type(obj).__name__}, not a state dict")
+    return {k.removeprefix("module."): v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+def num_classes_of(state_dict: dict[str, np.ndarray]) -> int:
+    for key in _HEAD_KEYS:
+        if key in state_dict:
+            return int(state_dict[key].shape[0])
+    raise ValueError(f"no classifier weight ({' or '.join(_HEAD_KEYS)}) in the state dict")
+
+
+def convert(name: str, state_dict: dict[str, np.ndarray], *, input_size: int | None = None
+            ) -> keras.Model:
+    """Build registry model `name` with the checkpoint's class count and load the weights."""
+    if name not in TIMM_NAMES:
+        raise ValueError(f"--model: {name!r} has no timm counterpart; accepted: "
+                         f"{', '.join(sorted(TIMM_NAMES))}")
+    family = models.get_model_info(name).family
+    module = importlib.import_module(_FAMILY_MODULES[family])
+    kwargs = {"with_distillation_head": True} if family == "efficientformer" else {}
+    model = models.create_model(name, num_classes=num_classes_of(state_dict),
+                                input_size=input_size, **kwargs)
+    module.convert_timm_state_dict(model, state_dict)
+    if kwargs:  # rebuild the inference graph (heads averaged) around the same weights
+        inference = models.create_model(name, num_classes=num_classes_of(state_dict),
+                                        input_size=input_size)
+        inference.set_weights(model.get_weights())
+        model = inference
+    return model

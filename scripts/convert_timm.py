@@ -1,0 +1,55 @@
+"""Convert a timm checkpoint of a student into our Keras weights (`.h5`).
+
+    python scripts/convert_timm.py --model=mobilevit_xxs --checkpoint=mobilevit_xxs.pth \
+        --output=mobilevit_xxs.weights.h5
+    python scripts/convert_timm.py --model=efficientformer_l1 --timm_pretrained --output=l1.h5
+
+`--checkpoint` takes a state dict saved by torch (`.pth`, `.pt`, `.bin`) or `.safetensors`;
+`--timm_pretrained` lets timm download its pretrained weights (needs internet and timm). The
+output loads with `models.create_model(name, num_classes=N).load_weights(path)`.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "registry name of the student (a timm model of the same name)")
+flags.DEFINE_string("checkpoint", None, "timm state dict file (.pth/.pt/.bin/.safetensors)")
+flags.DEFINE_bool("timm_pretrained", False, "download timm's pretrained weights instead")
+flags.DEFINE_string("output", None, "path of the Keras weights file to write (.h5)")
+flags.mark_flags_as_required(["model", "output"])
+
+
+def main(argv):
+    del argv
+    from models import timm_convert
+
+    if bool(FLAGS.checkpoint) == FLAGS.timm_pretrained:
+        raise app.UsageError("give exactly one of --checkpoint or --timm_pretrained")
+    if not FLAGS.output.endswith(".h5"):
+        raise app.UsageError(f"--output must end in .h5, got {FLAGS.output!r}")
+    if FLAGS.checkpoint:
+        state_dict = timm_convert.read_state_dict(FLAGS.checkpoint)
+    else:
+        import timm
+
+        tm = timm.create_model(timm_convert.TIMM_NAMES.get(FLAGS.model, FLAGS.model),
+                               pretrained=True)
+        state_dict = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    try:
+        model = timm_convert.convert(FLAGS.model, state_dict)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    tmp = FLAGS.output + ".tmp.h5"
+    model.save_weights(tmp)
+    os.replace(tmp, FLAGS.output)  # atomic: no half-written weights file
+    print(f"wrote {FLAGS.output}: {FLAGS.model}, {model.output_shape[-1]} classes, "
+          f"{model.count_params():,} weights")
+
+
+if __name__ == "__main__":
+    app.run(main)

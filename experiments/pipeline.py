@@ -37,28 +37,35 @@ flags.DEFINE_bool("overwrite", False, "redo the selected stages even if they are
 flags.DEFINE_enum("strategy", "default", STRATEGIES, "tf.distribute strategy for training")
 flags.DEFINE_integer("export_size", None, "square input size of every exported file "
                      "(default: the preset's evaluation size)")
-config_flags.DEFINE_config_file("config", f"{_CONFIG_FILE}:smoke",
-                                "preset config; set by --preset, override keys as --config.a.b=v",
-                                lock_config=True)
-flags.mark_flags_as_required(["student", "teacher", "data", "workdir"])
 
 
-def _preset_to_config(argv: list[str]) -> list[str]:
-    """`--preset=X` selects the config file argument, so `--config.*` overrides apply on top."""
+def _preset_from_argv(argv: list[str]) -> str:
+    """The --preset value, read before flag parsing: it picks the config that the --config.*
+    overrides apply to (config_flags builds those override flags from the default config)."""
     preset = "smoke"
     for i, a in enumerate(argv):
         if a.startswith("--preset="):
             preset = a.split("=", 1)[1]
         elif a == "--preset" and i + 1 < len(argv):
             preset = argv[i + 1]
-    from experiments.configs import PRESETS
+    return preset if preset in ("smoke", "quick", "full") else "smoke"  # DEFINE_enum reports it
 
-    if preset not in PRESETS:
-        sys.exit(f"FATAL Flags parsing error: --preset: unknown preset {preset!r}; "
-                 f"accepted: {', '.join(PRESETS)}")
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
-        sys.exit("FATAL Flags parsing error: choose the preset with --preset, not --config")
-    return argv + [f"--config={_CONFIG_FILE}:{preset}"]
+
+try:
+    config_flags.DEFINE_config_file(
+        "config", f"{_CONFIG_FILE}:{_preset_from_argv(sys.argv)}",
+        "preset config; set by --preset, override keys as --config.a.b=v", lock_config=True)
+except (KeyError, AttributeError) as e:  # an unknown --config.* key on the command line
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(msg))
+        e = e.args[0]
+    detail = " ".join(str(e.args[0] if e.args else e).replace("'", "").split())
+    sys.exit(f"FATAL Flags parsing error: unknown --config key {detail} (see experiments/configs.py)")
+flags.mark_flags_as_required(["student", "teacher", "data", "workdir"])
+
+
+def _fail(message: str):
+    """Exit with a one-line error naming the flag (absl's format, without the help dump)."""
+    sys.exit(f"FATAL Flags parsing error: {message}")
 
 
 def validate_flags() -> None:
@@ -68,20 +75,20 @@ def validate_flags() -> None:
 
     unknown = [s for s in FLAGS.stages if s not in STAGES]
     if unknown:
-        raise app.UsageError(f"--stages: unknown stage(s) {unknown}; accepted: {','.join(STAGES)}")
+        _fail(f"--stages: unknown stage(s) {unknown}; accepted: {','.join(STAGES)}")
     students = [n for n in models.list_models() if models.get_model_info(n).role == "student"]
     if FLAGS.student not in models.list_models():
-        raise app.UsageError(f"--student: unknown model {FLAGS.student!r}; accepted: "
+        _fail(f"--student: unknown model {FLAGS.student!r}; accepted: "
                              f"{', '.join(students)}")
     teacher = FLAGS.teacher
     if teacher not in models.list_models() and not os.path.exists(teacher):
         teachers = [n for n in models.list_models() if models.get_model_info(n).role == "teacher"]
-        raise app.UsageError(f"--teacher: {teacher!r} is neither a registry name ({', '.join(teachers)})"
+        _fail(f"--teacher: {teacher!r} is neither a registry name ({', '.join(teachers)})"
                              " nor an existing teacher folder or .npz file")
     info = models.get_model_info(FLAGS.student)
     if FLAGS.export_size is not None and (FLAGS.export_size <= 0 or
                                           FLAGS.export_size % info.size_divisor):
-        raise app.UsageError(f"--export_size: {FLAGS.export_size} is not a positive multiple of "
+        _fail(f"--export_size: {FLAGS.export_size} is not a positive multiple of "
                              f"{info.size_divisor}, which {FLAGS.student} needs")
     c = FLAGS.config
     checks = {"distill.kind": (c.distill.kind, ("soft", "hard", "none")),
@@ -89,21 +96,24 @@ def validate_flags() -> None:
               "prune.m_by_n": (c.prune.m_by_n, ("", "2:4"))}
     for key, (value, accepted) in checks.items():
         if value not in accepted:
-            raise app.UsageError(f"--config.{key}: {value!r} is not accepted; accepted: {accepted}")
+            _fail(f"--config.{key}: {value!r} is not accepted; accepted: {accepted}")
     if not 0 <= c.prune.target_sparsity < 1:
-        raise app.UsageError(f"--config.prune.target_sparsity must be in [0, 1), got "
+        _fail(f"--config.prune.target_sparsity must be in [0, 1), got "
                              f"{c.prune.target_sparsity}")
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail(f"unexpected arguments: {argv[1:]}")
     validate_flags()
     from experiments import stages
 
-    run = stages.Run(student=FLAGS.student, teacher=FLAGS.teacher, data=FLAGS.data,
-                     workdir=FLAGS.workdir, config=FLAGS.config, strategy=FLAGS.strategy,
-                     export_size=FLAGS.export_size, overwrite=FLAGS.overwrite)
+    try:  # data sources and strategy: bad --data / --strategy values end here, in one line
+        run = stages.Run(student=FLAGS.student, teacher=FLAGS.teacher, data=FLAGS.data,
+                         workdir=FLAGS.workdir, config=FLAGS.config, strategy=FLAGS.strategy,
+                         export_size=FLAGS.export_size, overwrite=FLAGS.overwrite)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     start = time.time()
     for stage in STAGES:
         if stage in FLAGS.stages:
@@ -114,7 +124,9 @@ def main(argv):
 
 
 def run_cli():
-    app.run(main, argv=_preset_to_config(sys.argv))
+    if any(a == "--config" or a.startswith("--config=") for a in sys.argv):
+        sys.exit("FATAL Flags parsing error: choose the preset with --preset, not --config")
+    app.run(main)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ antialiased) and centre-crops `size`, as timm/ml-cvnets.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -165,7 +166,31 @@ class Source:
         return self
 
     def verify(self):
-        """Decodes every example once; drops (and logs) the ones that fail. Returns the count."""
+        """Decodes every example once; drops (and logs) the ones that fail. Returns the count.
+
+        The result is remembered for the process (keyed by the example ids and, for files, their
+        sizes and modification times), so later loads of the same split skip the decode pass.
+        """
+        n = self.num_examples
+        memo_key = (self.name, self.split, tuple(self.ids), tuple(_stat(p) for p in self.paths)
+                    if self.paths is not None else None)
+        if memo_key in _VERIFIED:
+            bad = _VERIFIED[memo_key]
+        else:
+            bad = self._decode_check()
+            _VERIFIED[memo_key] = bad
+        if len(bad):
+            self.skipped.extend(str(self.ids[i]) for i in bad)
+            log.warning("%s/%s: skipped %d undecodable file(s): %s", self.name, self.split,
+                        len(bad), ", ".join(str(self.ids[i]) for i in bad[:10])
+                        + (" ..." if len(bad) > 10 else ""))
+            self._keep(np.setdiff1d(np.arange(n), bad))
+        if self.num_examples == 0:
+            raise ValueError(f"{self.name} split {self.split!r}: no decodable images "
+                             f"({len(bad)} file(s) failed to decode)")
+        return len(bad)
+
+    def _decode_check(self) -> np.ndarray:
         n = self.num_examples
 
         def check(i):
@@ -174,18 +199,19 @@ class Source:
 
         ds = tf.data.Dataset.range(n).map(check, num_parallel_calls=AUTOTUNE)
         ds = ds.ignore_errors()
-        good = np.sort(np.fromiter((int(i) for i, _ in ds.as_numpy_iterator()), np.int64))
-        bad = np.setdiff1d(np.arange(n), good)
-        if len(bad):
-            self.skipped.extend(str(self.ids[i]) for i in bad)
-            log.warning("%s/%s: skipped %d undecodable file(s): %s", self.name, self.split,
-                        len(bad), ", ".join(str(self.ids[i]) for i in bad[:10])
-                        + (" ..." if len(bad) > 10 else ""))
-            self._keep(good)
-        if self.num_examples == 0:
-            raise ValueError(f"{self.name} split {self.split!r}: no decodable images "
-                             f"({len(bad)} file(s) failed to decode)")
-        return len(bad)
+        good = np.fromiter((int(i) for i, _ in ds.as_numpy_iterator()), np.int64)
+        return np.setdiff1d(np.arange(n), good)
+
+
+_VERIFIED: dict = {}
+
+
+def _stat(path: str):
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None
 
 
 def decode_image(raw) -> tf.Tensor:
@@ -200,8 +226,15 @@ def load_source(data: str, split: str, *, limit_per_class: int | None = None,
                 data_dir: str | None = None) -> Source:
     """Opens split `split` ('train' or 'val') of `data`: a folder or `tfds:<name>`.
 
+    `limit_per_class` keeps the first files (sorted by name) of each class and `limit` a
+    class-balanced subset of that many examples; files that do not decode are replaced by the
+    next ones. `verify=False` skips the decode check (an undecodable file then fails tf.data).
+    Folder class names are the sorted subfolder names (label = position); tfds ones come from
+    the label feature; tfds splits are read whole into memory as encoded bytes.
+
     Raises FileNotFoundError / ValueError naming the path or flag value when the folder or split
-    is missing, a class folder is empty, the tfds name is unknown or the dataset is not prepared.
+    is missing, a class folder is empty, there are no decodable images or the tfds name is
+    unknown, and RuntimeError when a tfds dataset is not prepared and cannot be downloaded.
     """
     if not isinstance(data, str) or not data:
         raise ValueError(f"--data must be a folder or tfds:<name>, got {data!r}")
@@ -209,9 +242,24 @@ def load_source(data: str, split: str, *, limit_per_class: int | None = None,
         src = _load_tfds(data[len("tfds:"):], split, data_dir=data_dir)
     else:
         src = _load_folder(data, split)
-    src.limit(limit_per_class=limit_per_class, limit=limit)
-    if verify:
-        src.verify()
+    if limit_per_class is None and limit is None:
+        if verify:
+            src.verify()
+    else:
+        # Limit first (so a small subset decodes only its own files), then replace any file that
+        # fails to decode by the next one of its class.
+        full, bad_ids = src, []
+        while True:
+            src = copy.copy(full)
+            src.skipped = list(bad_ids)
+            if bad_ids:
+                bad = set(bad_ids)
+                src._keep(np.asarray([i for i, x in enumerate(full.ids) if str(x) not in bad],
+                                     np.int64))
+            src.limit(limit_per_class=limit_per_class, limit=limit)
+            if not verify or src.verify() == 0:
+                break
+            bad_ids = src.skipped
     log.info("loaded %r", src)
     return src
 

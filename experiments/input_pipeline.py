@@ -410,7 +410,8 @@ class MultiScaleSampler:
             raise ValueError(f"MultiScaleSampler: min_size {min_size} > max_size {max_size}")
         self.min_size, self.max_size, self.n_scales = int(min_size), int(max_size), int(n_scales)
         self.base_size, self.base_batch = int(base_size), int(base_batch)
-        self.check_scale, self.seed, self.num_replicas = int(check_scale), int(seed), int(num_replicas)
+        self.check_scale, self.seed = int(check_scale), int(seed)
+        self.num_replicas = int(num_replicas)
         self._given_sizes = None if sizes is None else [int(s) for s in sizes]
         if sizes is None:
             dims = list(np.linspace(self.min_size, self.max_size, self.n_scales))
@@ -526,7 +527,9 @@ def _centre_crop(image, size, crop_pct):
     short = tf.math.floor(tf.cast(size, tf.float32) / crop_pct)
     scale = short / tf.reduce_min(shape)
     new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
-    image = tf.image.resize(image, new, method="bilinear", antialias=True)
+    image = tf.cond(scale < 1.0,  # antialiasing only matters (and costs) when shrinking
+                    lambda: tf.image.resize(image, new, method="bilinear", antialias=True),
+                    lambda: tf.image.resize(image, new, method="bilinear"))
     top, left = (new[0] - size) // 2, (new[1] - size) // 2
     return image[top:top + size, left:left + size, :]
 

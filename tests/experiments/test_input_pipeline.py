@@ -37,7 +37,8 @@ def folder(tmp_path_factory):
             d = root / split / c
             d.mkdir(parents=True)
             for i in range(n):
-                _write_jpeg(d / f"{c}_{i}.JPEG", rng, gray=(split == "train" and c == "cat" and i == 0))
+                gray = split == "train" and c == "cat" and i == 0
+                _write_jpeg(d / f"{c}_{i}.JPEG", rng, gray=gray)
     good = (root / "train" / "dog" / "dog_0.JPEG").read_bytes()
     (root / "train" / "dog" / "broken.JPEG").write_bytes(good[: len(good) // 3])
     (root / "train" / "dog" / "notes.txt").write_text("not an image")
@@ -98,7 +99,8 @@ def test_fixed_sampler_and_config_round_trip():
     assert {f.plan(t) for t in range(50)} == {(224, 64)}
     s = ip.MultiScaleSampler(seed=5, num_replicas=2)
     s2 = ip.MultiScaleSampler.from_config(s.get_config())
-    assert s2.pairs == s.pairs and [s2.plan(t) for t in range(100)] == [s.plan(t) for t in range(100)]
+    assert s2.pairs == s.pairs
+    assert [s2.plan(t) for t in range(100)] == [s.plan(t) for t in range(100)]
     g = ip.MultiScaleSampler(sizes=[128, 256, 128])
     assert g.sizes == [128, 256] and g.batches == [512, 128]
     assert ip.MultiScaleSampler.from_config(g.get_config()).pairs == g.pairs
@@ -304,3 +306,36 @@ def test_real_imagenette_subset(imagenette_dir):
     val = ip.load_source(str(imagenette_dir), "val", limit=10)
     x, y = next(iter(ip.eval_dataset(val, size=256, batch_size=10)))
     assert x.shape == (10, 256, 256, 3) and sorted(y.numpy().tolist()) == list(range(10))
+
+
+_MIRRORED = r'''
+import sys
+from models.compat import tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from experiments import input_pipeline as ip
+src = ip.load_source(sys.argv[1], "train")
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+s = ip.MultiScaleSampler(min_size=32, max_size=96, n_scales=3, base_size=64, base_batch=6,
+                         check_scale=32, num_replicas=2)
+dds = strategy.experimental_distribute_dataset(ip.train_dataset(src, s))
+for step, (x, y) in zip(range(6), dds):
+    size, b = s.plan(step)
+    shapes = [tuple(t.shape) for t in strategy.experimental_local_results(x)]
+    assert shapes == [(b // 2, size, size, 3)] * 2, (step, shapes)
+print("OK")
+'''
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_splits_each_batch_evenly(folder):
+    """Every replica gets half of each batch, at the same resolution (2 logical CPUs)."""
+    import os
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", _MIRRORED, str(folder)], cwd=root, timeout=300,
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

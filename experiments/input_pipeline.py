@@ -82,8 +82,9 @@ class Source:
         self.labels = np.asarray(labels, np.int32)
         self.paths = None if paths is None else list(paths)
         self._encoded = None if encoded is None else list(encoded)
-        self.ids = list(ids) if ids is not None else list(paths if paths is not None else
-                                                          range(len(self.labels)))
+        if ids is None:
+            ids = paths if paths is not None else range(len(self.labels))
+        self.ids = list(ids)
         self.skipped: list[str] = []
         self._tensor = None
 
@@ -509,9 +510,6 @@ class Augment:
         return dataclasses.asdict(self)
 
 
-NO_AUGMENT = None  # pass `augment=None` for plain resize + centre crop at the plan's size
-
-
 def _random_resized_crop(image, size, key, scale, ratio):
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=key,
@@ -640,7 +638,9 @@ def train_dataset(source: Source, sampler: MultiScaleSampler, *, start_step: int
     """Infinite stream of batches `(images float32 [b, s, s, 3] in [0, 1], labels)`.
 
     `(s, b) = sampler.plan(step)` for step = start_step, start_step + 1, ...; labels are int32
-    [b], or float32 [b, num_classes] when `augment` mixes. Examples are read in stateless
+    [b], or float32 [b, num_classes] when `augment` mixes. `augment=None`: no augmentation (the
+    eval resize + centre crop at each step's size). The spatial dims of `element_spec` are None:
+    give a training `tf.function` an input_signature with None dims to avoid one trace per size. Examples are read in stateless
     per-epoch permutations of `seed`, and each image's crop/flip/RandAugment draws depend only
     on (seed, step, position in batch), so the stream from `start_step=s` equals the tail of the
     stream from 0, whatever the parallelism.

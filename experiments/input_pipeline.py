@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -169,17 +171,18 @@ class Source:
     def verify(self):
         """Decodes every example once; drops (and logs) the ones that fail. Returns the count.
 
-        The result is remembered for the process (keyed by the example ids and, for files, their
-        sizes and modification times), so later loads of the same split skip the decode pass.
+        The result is remembered (keyed by the example ids and, for files, their sizes and
+        modification times) for the process and on disk under `$VIT_COMPRESS_CACHE` (default
+        `~/.cache/vit_compress`; set it to an empty string to turn the disk cache off), so later
+        loads of the same split skip the decode pass (about 10-20 s for Imagenette's train split
+        on 2 cores).
         """
         n = self.num_examples
         memo_key = (self.name, self.split, tuple(self.ids), tuple(_stat(p) for p in self.paths)
                     if self.paths is not None else None)
-        if memo_key in _VERIFIED:
-            bad = _VERIFIED[memo_key]
-        else:
-            bad = self._decode_check()
-            _VERIFIED[memo_key] = bad
+        if memo_key not in _VERIFIED:
+            _VERIFIED[memo_key] = _disk_memo(memo_key, self._decode_check)
+        bad = _VERIFIED[memo_key]
         if len(bad):
             self.skipped.extend(str(self.ids[i]) for i in bad)
             log.warning("%s/%s: skipped %d undecodable file(s): %s", self.name, self.split,
@@ -205,6 +208,30 @@ class Source:
 
 
 _VERIFIED: dict = {}
+
+
+def _disk_memo(key, compute) -> np.ndarray:
+    """`compute()` (an int array), cached in a JSON file named by a hash of `key`."""
+    root = os.environ.get("VIT_COMPRESS_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "vit_compress"))
+    if not root:
+        return compute()
+    digest = hashlib.sha1(repr(key).encode()).hexdigest()
+    path = pathlib.Path(root) / "decode_check" / f"{digest}.json"
+    try:
+        return np.asarray(json.loads(path.read_text())["bad"], np.int64)
+    except (OSError, ValueError, KeyError):
+        pass
+    bad = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"source": str(key[0]), "split": key[1],
+                                   "bad": [int(i) for i in bad]}))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("decode-check cache not written (%s)", e)
+    return bad
 
 
 def _stat(path: str):

@@ -27,6 +27,15 @@ def _write_jpeg(path, rng, gray=False, size=None):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _cache_dir(tmp_path_factory):
+    """Keeps the decode-check disk cache of these tests out of the home directory."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VIT_COMPRESS_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """train: 4 JPEGs per class (one grayscale, one corrupt extra in 'dog'); val: 2 per class."""
@@ -135,6 +144,22 @@ def test_folder_source_counts_skips_corrupt_and_lists_classes(folder, caplog):
     assert np.bincount(src.labels).tolist() == [4, 4, 4]
     val = ip.load_source(str(folder), "val")
     assert val.num_examples == 6 and val.class_names == list(CLASSES)
+
+
+def test_decode_check_is_cached_on_disk(folder, monkeypatch):
+    ip.load_source(str(folder), "train")
+    monkeypatch.setattr(ip, "_VERIFIED", {})
+
+    def fail(self):
+        raise AssertionError("decode check ran again")
+
+    monkeypatch.setattr(ip.Source, "_decode_check", fail)
+    src = ip.load_source(str(folder), "train")
+    assert src.num_examples == 12 and src.skipped[0].endswith("broken.JPEG")
+    monkeypatch.setenv("VIT_COMPRESS_CACHE", "")  # disk cache off: the check runs
+    monkeypatch.setattr(ip, "_VERIFIED", {})
+    with pytest.raises(AssertionError, match="ran again"):
+        ip.load_source(str(folder), "train")
 
 
 def test_every_image_decodes_to_three_channels(train_src):

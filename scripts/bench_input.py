@@ -5,6 +5,11 @@
 Runs `experiments.input_pipeline.train_dataset` on its own (no model) and prints, for each
 sampler, the steady-state images/s and batches/s (the first `--warmup` batches are not timed),
 plus the load + decode-check time of the source and the eval pipeline's images/s.
+
+Measured (2-core VM shared with other jobs, load average about 9, default augmentation, 30 s):
+multi-scale (160:327 192:227 256:128 288:101 320:81) 938 img/s, 5.2 batches/s; fixed 256:128
+412 img/s, 3.2 batches/s; eval at 256 361 img/s. First decode check of the train split 16-22 s,
+0.4 s when cached.
 """
 
 from __future__ import annotations

@@ -89,12 +89,13 @@ class Run:
         from experiments import input_pipeline
 
         d = self.cfg.data
+        augment = input_pipeline.Augment(scale=(d.scale_min, 1.0),
+                                         randaugment=2 if d.randaugment else 0,
+                                         mixup_alpha=d.mixup, cutmix_alpha=d.cutmix)
 
         def make(start_step: int):
-            return input_pipeline.train_dataset(
-                self.train_src, sampler, start_step=start_step, seed=self.cfg.seed,
-                scale_min=d.scale_min, randaugment=d.randaugment, mixup=d.mixup,
-                cutmix=d.cutmix)
+            return input_pipeline.train_dataset(self.train_src, sampler, start_step=start_step,
+                                                augment=augment, seed=self.cfg.seed)
 
         return make
 

@@ -87,9 +87,10 @@ class AttentionBias(keras.layers.Layer):
 
     def build(self, input_shape):
         heads, n = input_shape[1], input_shape[-1]
-        grid = int(round(n**0.5))
-        if n is None or grid * grid != n or input_shape[-2] != n:
-            raise ValueError(f"AttentionBias needs square logits over a square grid, got {input_shape}")
+        grid = int(round(n**0.5)) if n is not None else 0
+        if heads is None or grid * grid != n or input_shape[-2] != n:
+            raise ValueError(
+                f"AttentionBias needs square logits over a square grid, got {input_shape}")
         self.grid = grid
         self.attention_biases = self.add_weight(
             name="attention_biases",
@@ -391,7 +392,8 @@ def convert_timm_state_dict(model: keras.Model, state_dict) -> dict:
             continue
         vals = values_for(layer)
         if len(vals) != len(layer.weights):
-            raise ValueError(f"layer {layer.name!r}: {len(layer.weights)} weights, mapped {len(vals)}")
+            raise ValueError(
+                f"layer {layer.name!r}: {len(layer.weights)} weights, mapped {len(vals)}")
         for w, v in zip(layer.weights, vals):
             if v is not None and tuple(v.shape) != tuple(w.shape):
                 errors.append(f"{layer.name}/{w.name.split('/')[-1]}: model shape "

@@ -2,6 +2,7 @@
 init-time zero/1e-5 tensors randomised so a wrong mapping shows), the timm state-dict converter,
 non-default sizes, graph hygiene and TFLite conversion (fp32 and full-integer int8)."""
 
+import collections
 import pathlib
 import sys
 
@@ -180,6 +181,7 @@ def test_graph_has_no_lambda_or_mha_and_clones(l1_pair, images):
     banned = {"TFOpLambda", "Lambda", "MultiHeadAttention", "SlicingOpLambda"}
     assert not {type(layer).__name__ for layer in km.layers} & banned
     assert km.input_shape == (None, 224, 224, 3) and km.output_shape == (None, 1000)
+    assert type(km.layers[-1]) is keras.layers.Average  # (head + head_dist) / 2
     for layer in km.layers:  # every custom layer says what pruning may touch
         if type(layer).__module__.startswith("models."):
             assert layer.get_prunable_weights() == []
@@ -215,7 +217,9 @@ def litert(content):
 
 
 def run_tflite(content, x):
-    interp = litert(content)
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=content)  # default XNNPACK delegate, as deployed
     interp.allocate_tensors()
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     res = []
@@ -279,5 +283,10 @@ def test_tflite_int8_full_integer_builtin(tflite_files, images):
                    and any(tensors[i]["dtype"] == np.float32 for i in op["outputs"])]
     assert not float_heavy
     assert sum(op["op_name"] in heavy for op in ops) > 20
-    out = run_tflite(int8, images[:2])
-    assert out.shape == (2, 10) and np.isfinite(out).all()
+    out = run_tflite(int8, images)
+    assert out.shape == (len(images), 10) and np.isfinite(out).all()
+    ref = tflite_files[0].predict(images, verbose=0)
+    cos = np.sum(out * ref, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+    counts = dict(collections.Counter(op["op_name"] for op in ops))
+    print(f"tflite int8 vs keras: cosine {np.round(cos, 3)}, max|diff| {np.abs(out - ref).max():.3g}"
+          f" (max|logit| {np.abs(ref).max():.3g}); ops {counts}")

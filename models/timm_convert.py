@@ -8,6 +8,7 @@ adds the reading of checkpoint files (torch is imported only here, lazily).
 from __future__ import annotations
 
 import importlib
+import sys
 
 import numpy as np
 
@@ -34,6 +35,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             from safetensors.numpy import load_file
 
             return dict(load_file(path))
+        sys.modules.setdefault("triton", None)  # triton segfaults beside TensorFlow; CPU needs none
         import torch
 
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -35,6 +35,7 @@ def main(argv):
     if FLAGS.checkpoint:
         state_dict = timm_convert.read_state_dict(FLAGS.checkpoint)
     else:
+        sys.modules.setdefault("triton", None)  # triton segfaults beside TensorFlow
         import timm
 
         tm = timm.create_model(timm_convert.TIMM_NAMES.get(FLAGS.model, FLAGS.model),

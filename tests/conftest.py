@@ -3,8 +3,14 @@
 import os
 import pathlib
 
+import sys
+
 import numpy as np
 import pytest
+
+# torch (imported by timm) loads triton, whose native library segfaults once TensorFlow is
+# loaded; CPU torch does not need it. Block it before any test imports torch.
+sys.modules.setdefault("triton", None)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The real data set beside the checkout (../shared/data/imagenette2-160); IMAGENETTE_DIR overrides.

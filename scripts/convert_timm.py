@@ -32,19 +32,19 @@ def main(argv):
         raise app.UsageError("give exactly one of --checkpoint or --timm_pretrained")
     if not FLAGS.output.endswith(".h5"):
         raise app.UsageError(f"--output must end in .h5, got {FLAGS.output!r}")
-    if FLAGS.checkpoint:
-        state_dict = timm_convert.read_state_dict(FLAGS.checkpoint)
-    else:
-        sys.modules.setdefault("triton", None)  # triton segfaults beside TensorFlow
-        import timm
-
-        tm = timm.create_model(timm_convert.TIMM_NAMES.get(FLAGS.model, FLAGS.model),
-                               pretrained=True)
-        state_dict = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
     try:
+        if FLAGS.checkpoint:
+            state_dict = timm_convert.read_state_dict(FLAGS.checkpoint)
+        else:
+            sys.modules.setdefault("triton", None)  # triton segfaults beside TensorFlow
+            import timm
+
+            tm = timm.create_model(timm_convert.TIMM_NAMES.get(FLAGS.model, FLAGS.model),
+                                   pretrained=True)
+            state_dict = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
         model = timm_convert.convert(FLAGS.model, state_dict)
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        sys.exit(f"FATAL: {e}")
     tmp = FLAGS.output + ".tmp.h5"
     model.save_weights(tmp)
     os.replace(tmp, FLAGS.output)  # atomic: no half-written weights file

@@ -137,6 +137,19 @@ def delegation_summary(interp) -> dict:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB.
+
+    VmHWM from /proc/self/status: it belongs to the process image started by exec, whereas
+    `getrusage().ru_maxrss` on Linux keeps the high-water mark inherited from the forking
+    parent (a pytest or pipeline process with TensorFlow loaded reads ~700 MB there).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB

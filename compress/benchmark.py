@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 import os
 import platform
 import subprocess
@@ -35,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -495,8 +494,95 @@ def machine_info() -> dict:
     }
 
 
-def _is_nan(v: Any) -> bool:
-    return isinstance(v, float) and math.isnan(v)
+# --------------------------------------------------------------------------- a workdir
+
+
+def benchmark_files(
+    workdir: str,
+    files: Sequence[str] | None = None,
+    *,
+    threads: Sequence[int] = (1,),
+    delegates: Sequence[str] = ("xnnpack",),
+    warmup: int = 10,
+    runs: int = 50,
+    min_secs: float = 1.0,
+    input_size: int | None = None,
+    dataset: Iterable | None = None,
+    reference_predictions: Callable[[str], np.ndarray | None] | None = None,
+    file_info: Callable[[str], dict] | None = None,
+    eval_threads: int = 2,
+    eval_limit: int | None = None,
+    resume: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Measure TFLite files of a workdir and write `<workdir>/results.csv` row by row.
+
+    Args:
+      workdir: the pipeline workdir; `files` default to `<workdir>/export/*.tflite`.
+      threads, delegates: every combination is a row.
+      warmup, runs, min_secs: see `measure_latency`.
+      input_size: the files' square input size (needed for dynamic-shape files; recorded).
+      dataset: validation batches for `top1` (evaluated once per file, copied to its rows).
+      reference_predictions: path -> the Keras model's top-1 per image of `dataset` (e.g. the
+        file's stage model), for `agreement`; None leaves it empty.
+      file_info: path -> extra columns of the file (`params`, `macs`, `sparsity`, `model`,
+        `stage`, `format`, `note`, ...).
+      resume: skip (path, threads, delegate) rows already in results.csv.
+
+    Returns:
+      The rows written in this call.
+    """
+    import glob
+
+    from compress import results as res
+
+    files = sorted(files if files is not None else glob.glob(os.path.join(workdir, "export", "*.tflite")))
+    machine = machine_info()
+    done = set()
+    if resume and os.path.exists(res.results_path(workdir)):
+        done = {res._key(r, res.KEY) for r in res.read_results(workdir)}
+    try:
+        from compress.audit import audit_tflite
+    except ImportError:
+        audit_tflite = None
+    written = []
+    for path in files:
+        rel = os.path.relpath(path, workdir)
+        todo = [
+            (t, d) for d in delegates for t in threads
+            if res._key({"path": rel, "threads": t, "delegate": d}, res.KEY) not in done
+        ]  # fmt: skip
+        if not todo:
+            log(f"{rel}: already measured")
+            continue
+        info = dict(file_info(path)) if file_info else {}
+        audit = {}
+        if audit_tflite is not None:
+            try:
+                audit = dict(audit_tflite(path))
+            except Exception as e:  # the timing still counts
+                info["note"] = "; ".join(filter(None, [info.get("note"), f"audit failed: {e}"]))
+        evaluation, agree = None, None
+        if dataset is not None:
+            evaluation = evaluate_tflite(path, dataset, threads=eval_threads, limit=eval_limit)
+            ref = reference_predictions(path) if reference_predictions else None
+            if ref is not None:
+                agree = agreement(evaluation["predictions"], np.asarray(ref)[: evaluation["n"]])
+        for t, d in todo:
+            lat = measure_latency(
+                path, threads=t, delegate=d, warmup=warmup, runs=runs, min_secs=min_secs,
+                input_size=input_size,
+            )  # fmt: skip
+            kw = {k: info[k] for k in ("model", "stage", "format", "params", "macs", "sparsity") if k in info}
+            row = res.make_row(
+                path, lat, workdir=workdir, input_size=input_size or info.get("input_size"),
+                audit=audit, evaluation=evaluation, agreement=agree, machine=machine,
+                note=info.get("note", ""), **kw,
+            )  # fmt: skip
+            res.write_results(workdir, [row], machine=machine)
+            written.append(row)
+            log(f"{rel} threads={t} {d}: p50 {lat['latency_p50_ms']:.3f} ms")
+    return written
 
 
 # --------------------------------------------------------------------------- command line

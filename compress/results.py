@@ -241,6 +241,9 @@ def make_row(
     except ValueError:
         pass
     notes = [n for n in (latency.get("note"), (evaluation or {}).get("note"), note) if n]
+    shapes = latency.get("input_shapes") or []
+    if input_size is None and shapes and len(shapes[0]) == 4 and shapes[0][1] == shapes[0][2]:
+        input_size = shapes[0][1]  # the measured (static or resized) input
     audit = audit or {}
     row = {
         "model": model or names.get("model"),

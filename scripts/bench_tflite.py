@@ -77,11 +77,18 @@ def representative_images(
     return out
 
 
-def _plain_convert(model, path: str, fmt: str, representative: list[np.ndarray] | None) -> None:
-    """TFLiteConverter.from_keras_model with the usual settings of each format."""
+def _plain_convert(
+    model, path: str, fmt: str, input_size: int, representative: list[np.ndarray] | None
+) -> None:
+    """TFLiteConverter with the usual settings of each format, from a concrete function pinned
+    to [1, s, s, 3]: with a free batch dim, every Dense on a rank-3 tensor keeps a
+    SHAPE/GATHER/PACK/REDUCE_PROD/RESHAPE chain that XNNPACK does not take, splitting a ViT
+    into ~100 delegate partitions."""
     from models.compat import tf
 
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    spec = tf.TensorSpec([1, input_size, input_size, 3], tf.float32)
+    fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
     if fmt in ("fp16", "drq", "int8"):
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
     if fmt == "fp16":
@@ -119,7 +126,7 @@ def convert(
         info = dict(info or {})
         converter = "compress.export"
     else:
-        _plain_convert(model, path, fmt, representative)
+        _plain_convert(model, path, fmt, input_size, representative)
         info, converter = {}, "TFLiteConverter"
     return {**info, "converter": converter, "convert_s": time.perf_counter() - t0}
 

@@ -289,6 +289,29 @@ def test_hparams_one_trial_per_row(rows, tmp_path):
     assert {"latency_p50_ms", "top1", "size_bytes", "agreement"} <= set(tags)
 
 
+def test_benchmark_files_fills_a_workdir_and_resumes(files, tmp_path):
+    import shutil
+
+    (tmp_path / "export").mkdir()
+    for key in ("fp32", "int8"):
+        shutil.copy(files[key], tmp_path / "export")
+    batches, keras_pred = _dataset_with_known_top1(files["model"])
+    kw = dict(threads=(1,), delegates=("xnnpack", "none"), dataset=batches, eval_threads=1,
+              reference_predictions=lambda path: keras_pred, log=lambda msg: None,
+              file_info=lambda path: {"params": files["model"].count_params()}, **FAST)  # fmt: skip
+    written = bm.benchmark_files(str(tmp_path), **kw)
+    assert len(written) == 4
+    back = res.read_results(tmp_path, numeric=True)
+    assert len(back) == 4 and {r["delegate"] for r in back} == {"xnnpack", "none"}
+    fp32 = [r for r in back if r["format"] == "fp32"]
+    assert all(r["top1"] == pytest.approx(9 / 12) and r["agreement"] == 1.0 for r in fp32)
+    assert all(r["input_size"] == SIZE and r["params"] == files["model"].count_params() for r in back)
+    assert all(r["partitions"] == 0 for r in back if r["delegate"] == "none")
+    assert os.path.exists(tmp_path / "machine.json")
+    assert bm.benchmark_files(str(tmp_path), **kw) == []  # resumed: nothing left to measure
+    assert len(res.read_results(tmp_path)) == 4
+
+
 # --------------------------------------------------------------------------- compare
 
 

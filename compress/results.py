@@ -339,8 +339,12 @@ def _plot(rows, x, y, xlabel, ylabel, title, out, with_workdir, logx=False) -> b
             ]
             if sel:
                 ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=m, s=30)
+        at: dict[tuple, list[str]] = {}  # files at the same point share one label
         for px, py, label in pts:
-            ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            at.setdefault((px, py), []).append(label)
+        for (px, py), labels in at.items():
+            ax.annotate(", ".join(labels), (px, py), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)  # fmt: skip
         ax.legend(fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, f"no rows with both {x} and {y}", ha="center", va="center",
@@ -375,7 +379,7 @@ def _md_value(v: Any, col: str) -> str:
 _TABLE = (
     "model", "stage", "format", "input_size", "threads", "delegate", "latency_p50_ms",
     "latency_p90_ms", "top1", "agreement", "size_bytes", "gzip_bytes", "partitions",
-    "flex_ops", "float_heavy_ops", "sparsity", "note",
+    "undelegated_ops", "flex_ops", "float_heavy_ops", "sparsity", "note",
 )  # fmt: skip
 
 

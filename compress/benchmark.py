@@ -239,6 +239,7 @@ def measure_latency(
     min_secs: float = 1.0,
     timeout: float = 900.0,
     fallback: bool = True,
+    repeats: int = 1,
 ) -> dict:
     """Time `invoke()` of a .tflite file in a fresh process. Never raises for a file that fails.
 
@@ -254,6 +255,8 @@ def measure_latency(
       timeout: seconds before the child is killed.
       fallback: when the requested interpreter cannot prepare or run the file, measure it again
         without the default delegates and say so in `note`.
+      repeats: fresh processes per measurement; the latency figures are then the medians over
+        processes (`latency_p50_ms_repeats` lists each process's p50, `pids` their ids).
 
     Returns:
       A dict with latency_p50_ms, latency_p90_ms, latency_p99_ms, latency_mean_ms, latency_std_ms,
@@ -276,11 +279,13 @@ def measure_latency(
     )
     result = _run_child({**args, "delegate": delegate}, timeout)
     if "error" not in result:
+        result = _repeat(result, {**args, "delegate": delegate}, repeats, timeout)
         return {**result, "measured_delegate": delegate, "error": None, "note": ""}
     error = result["error"]
     if fallback and delegate != "none":
         again = _run_child({**args, "delegate": "none"}, timeout)
         if "error" not in again:
+            again = _repeat(again, {**args, "delegate": "none"}, repeats, timeout)
             note = (
                 f"{RUNTIME} with XNNPACK could not run the file ({_short(error)}); "
                 "measured with BUILTIN_WITHOUT_DEFAULT_DELEGATES"
@@ -310,6 +315,26 @@ def measure_latency(
         "error": error,
         "note": f"no runtime could run the file: {_short(error)}",
     }
+
+
+def _repeat(first: dict, args: dict, repeats: int, timeout: float) -> dict:
+    """Measure `repeats - 1` more times in fresh processes and take medians of the figures."""
+    results = [first]
+    for _ in range(max(1, repeats) - 1):
+        r = _run_child(args, timeout)
+        if "error" in r:
+            break
+        results.append(r)
+    out = dict(first)
+    for k in first:
+        if k.startswith("latency_") or k in ("first_invoke_ms", "init_ms"):
+            out[k] = float(np.median([r[k] for r in results]))
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    out["runs"] = int(sum(r["runs"] for r in results))
+    out["repeats"] = len(results)
+    out["latency_p50_ms_repeats"] = [r["latency_p50_ms"] for r in results]
+    out["pids"] = [r["pid"] for r in results]
+    return out
 
 
 def _short(msg: str, limit: int = 200) -> str:
@@ -506,6 +531,7 @@ def benchmark_files(
     warmup: int = 10,
     runs: int = 50,
     min_secs: float = 1.0,
+    repeats: int = 1,
     input_size: int | None = None,
     dataset: Iterable | None = None,
     reference_predictions: Callable[[str], np.ndarray | None] | None = None,
@@ -520,7 +546,7 @@ def benchmark_files(
     Args:
       workdir: the pipeline workdir; `files` default to `<workdir>/export/*.tflite`.
       threads, delegates: every combination is a row.
-      warmup, runs, min_secs: see `measure_latency`.
+      warmup, runs, min_secs, repeats: see `measure_latency`.
       input_size: the files' square input size (needed for dynamic-shape files; recorded).
       dataset: validation batches for `top1` (evaluated once per file, copied to its rows).
       reference_predictions: path -> the Keras model's top-1 per image of `dataset` (e.g. the
@@ -571,7 +597,7 @@ def benchmark_files(
         for t, d in todo:
             lat = measure_latency(
                 path, threads=t, delegate=d, warmup=warmup, runs=runs, min_secs=min_secs,
-                input_size=input_size,
+                input_size=input_size, repeats=repeats,
             )  # fmt: skip
             kw = {k: info[k] for k in ("model", "stage", "format", "params", "macs", "sparsity") if k in info}
             row = res.make_row(
@@ -607,6 +633,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--min_secs", type=float, default=1.0)
     p.add_argument("--input_size", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=1)
     a = p.parse_args(argv)
     r = measure_latency(
         a.path,
@@ -616,6 +643,7 @@ def _main(argv: list[str]) -> int:
         runs=a.runs,
         min_secs=a.min_secs,
         input_size=a.input_size,
+        repeats=a.repeats,
     )
     print(json.dumps({**r, "machine": machine_info()}, indent=2, default=str))
     return 0 if r["error"] is None or r["measured_delegate"] else 1

@@ -58,6 +58,7 @@ EXTRA_COLUMNS = (
     "runtime_version",
     "warmup",
     "runs",
+    "repeats",
     "measured_delegate",
     "cpu",
     "host_figures",
@@ -68,7 +69,7 @@ _NUMERIC = {
     "input_size", "size_bytes", "gzip_bytes", "threads", "latency_p50_ms", "latency_p90_ms",
     "latency_mean_ms", "latency_std_ms", "top1", "agreement", "flex_ops", "partitions",
     "float_heavy_ops", "params", "macs", "sparsity", "latency_p99_ms", "latency_min_ms",
-    "first_invoke_ms", "peak_rss_mb", "warmup", "runs",
+    "first_invoke_ms", "peak_rss_mb", "warmup", "runs", "repeats",
 }  # fmt: skip
 _FLOATS = {k for k in _NUMERIC if k.endswith(("_ms", "_mb"))} | {"top1", "agreement", "sparsity"}
 

@@ -43,6 +43,7 @@ _OUTDIR = flags.DEFINE_string("outdir", None, "Keep the .tflite files here (defa
 _WARMUP = flags.DEFINE_integer("warmup", 10, "Untimed invokes before timing.")
 _RUNS = flags.DEFINE_integer("runs", 50, "Minimum timed invokes per configuration.")
 _MIN_SECS = flags.DEFINE_float("min_secs", 1.0, "Minimum seconds of timed invokes.")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Fresh processes per configuration (medians).")
 _NUM_CALIB = flags.DEFINE_integer("num_calib", 16, "Representative images for int8.")
 _CALIB_DIR = flags.DEFINE_string(
     "calib_dir", None, "Image folder (e.g. imagenette2-160/train) for int8 calibration; "
@@ -177,6 +178,7 @@ def bench_models(
     warmup: int = 10,
     runs: int = 50,
     min_secs: float = 1.0,
+    repeats: int = 1,
     num_calib: int = 16,
     calib_dir: str | None = None,
     num_classes: int = 1000,
@@ -225,7 +227,7 @@ def bench_models(
                 for t in threads:
                     lat = measure_latency(
                         path, threads=int(t), delegate=delegate, warmup=warmup, runs=runs,
-                        min_secs=min_secs, input_size=size,
+                        min_secs=min_secs, input_size=size, repeats=repeats,
                     )  # fmt: skip
                     results.append(
                         {
@@ -248,6 +250,7 @@ def bench_models(
                             "first_invoke_ms": lat.get("first_invoke_ms"),
                             "runs": lat.get("runs"),
                             "warmup": lat.get("warmup"),
+                            "repeats": lat.get("repeats", 1),
                             "peak_rss_mb": lat.get("peak_rss_mb"),
                             "runtime": lat.get("runtime"),
                             "runtime_version": lat.get("runtime_version"),
@@ -314,6 +317,7 @@ def main(argv: Sequence[str]) -> None:
             warmup=_WARMUP.value,
             runs=_RUNS.value,
             min_secs=_MIN_SECS.value,
+            repeats=_REPEATS.value,
             num_calib=_NUM_CALIB.value,
             calib_dir=_CALIB_DIR.value,
             num_classes=_NUM_CLASSES.value,

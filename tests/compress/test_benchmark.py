@@ -98,6 +98,13 @@ def test_latency_runs_in_a_fresh_process_with_sane_statistics(files):
     assert r["measured_delegate"] == "xnnpack"
 
 
+def test_repeats_use_one_fresh_process_each(files):
+    r = bm.measure_latency(files["fp32"], threads=1, repeats=3, **FAST)
+    assert r["repeats"] == 3 and len(set(r["pids"])) == 3 and os.getpid() not in r["pids"]
+    assert r["latency_p50_ms"] == pytest.approx(float(np.median(r["latency_p50_ms_repeats"])))
+    assert r["runs"] >= 3 * FAST["runs"]
+
+
 def test_no_delegate_control_has_no_partitions(files):
     r = bm.measure_latency(files["fp32"], threads=1, delegate="none", **FAST)
     assert r["error"] is None and r["measured_delegate"] == "none"

@@ -1,0 +1,345 @@
+"""Convert registered models to TFLite at their default size and time each file in a fresh process.
+
+    python scripts/bench_tflite.py --models=vit_tiny_patch16 --threads=1,2 \
+        [--formats=fp32,int8] [--delegates=xnnpack,none] --json=runs/bench.json
+
+Each model is built with `models.create_model(name, input_size=default_size)` (random weights,
+1000 classes), converted to every format (`fp32`, `fp16`, `drq`, `int8` = full integer with a
+representative set of random images, or real ones with `--calib_dir`), and each file is timed
+with `compress.benchmark.measure_latency` for every thread count and delegate. Conversion uses
+`compress.export.export_tflite` when that module is present, else a plain TFLiteConverter.
+
+Writes a JSON array (one object per file x threads x delegate) with the keys `model`, `format`,
+`input_size`, `threads`, `p50_ms`, `p90_ms`, `partitions`, `undelegated_ops` ({op: count}),
+`size_bytes`, plus `delegate`, `p99_ms`, `mean_ms`, `std_ms`, `first_invoke_ms`, `peak_rss_mb`,
+`gzip_bytes`, `runtime`, `runtime_version`, `flex_ops`, `float_heavy_ops`, `converter`,
+`convert_s`, `note`, `error`, `machine`. Figures from an x86 host are labelled host figures.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Callable, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+FORMATS = ("fp32", "fp16", "drq", "int8")
+FLAGS = flags.FLAGS
+
+_MODELS = flags.DEFINE_list("models", None, "Registered model names, comma-separated.")
+_THREADS = flags.DEFINE_list("threads", ["1"], "Interpreter thread counts, e.g. 1,2.")
+_FORMATS = flags.DEFINE_list("formats", ["fp32", "int8"], f"Formats among {', '.join(FORMATS)}.")
+_DELEGATES = flags.DEFINE_list("delegates", ["xnnpack"], "xnnpack and/or none (no XNNPACK).")
+_JSON = flags.DEFINE_string("json", None, "Where to write the JSON array of results.")
+_OUTDIR = flags.DEFINE_string("outdir", None, "Keep the .tflite files here (default: a temp dir).")
+_WARMUP = flags.DEFINE_integer("warmup", 10, "Untimed invokes before timing.")
+_RUNS = flags.DEFINE_integer("runs", 50, "Minimum timed invokes per configuration.")
+_MIN_SECS = flags.DEFINE_float("min_secs", 1.0, "Minimum seconds of timed invokes.")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Fresh processes per configuration (medians).")
+_NUM_CALIB = flags.DEFINE_integer("num_calib", 16, "Representative images for int8.")
+_CALIB_DIR = flags.DEFINE_string(
+    "calib_dir", None, "Image folder (e.g. imagenette2-160/train) for int8 calibration; "
+    "images are scaled to [-1, 1]. Default: random images in [-1, 1].")  # fmt: skip
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classes of the built models.")
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def representative_images(
+    input_size: int, n: int, *, calib_dir: str | None = None, seed: int = 0
+) -> list[np.ndarray]:
+    """`n` float32 [1, s, s, 3] calibration images in [-1, 1]: random, or read from a folder."""
+    if not calib_dir:
+        rng = np.random.default_rng(seed)
+        return [rng.uniform(-1, 1, (1, input_size, input_size, 3)).astype(np.float32) for _ in range(n)]
+    from models.compat import tf
+
+    files = sorted(
+        f for ext in ("jpg", "jpeg", "JPEG", "png")
+        for f in glob.glob(os.path.join(calib_dir, "**", f"*.{ext}"), recursive=True)
+    )  # fmt: skip
+    if not files:
+        raise ValueError(f"--calib_dir: no images under {calib_dir!r}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for f in rng.choice(files, size=min(n, len(files)), replace=False):
+        img = tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)
+        img = tf.image.resize(tf.cast(img, tf.float32), (input_size, input_size))
+        out.append((img.numpy()[None] / 127.5 - 1.0).astype(np.float32))
+    return out
+
+
+def _plain_convert(
+    model, path: str, fmt: str, input_size: int, representative: list[np.ndarray] | None
+) -> None:
+    """TFLiteConverter with the usual settings of each format, from a concrete function pinned
+    to [1, s, s, 3]: with a free batch dim, every Dense on a rank-3 tensor keeps a
+    SHAPE/GATHER/PACK/REDUCE_PROD/RESHAPE chain that XNNPACK does not take, splitting a ViT
+    into ~100 delegate partitions."""
+    from models.compat import tf
+
+    spec = tf.TensorSpec([1, input_size, input_size, 3], tf.float32)
+    fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn], model)
+    if fmt in ("fp16", "drq", "int8"):
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if fmt == "fp16":
+        conv.target_spec.supported_types = [tf.float16]
+    if fmt == "int8":
+        if representative is None:
+            raise ValueError("int8 needs a representative set")
+        conv.representative_dataset = lambda: ([x] for x in representative)
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+    with open(path, "wb") as f:
+        f.write(conv.convert())
+
+
+def convert(
+    model, path: str, fmt: str, input_size: int, representative: list[np.ndarray] | None
+) -> dict:
+    """Write `model` as a .tflite file; returns {'converter', 'convert_s', ...export info}."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    t0 = time.perf_counter()
+    try:
+        from compress.export import export_tflite
+    except ImportError:
+        export_tflite = None
+    if export_tflite is not None:
+        info = export_tflite(
+            model,
+            path,
+            fmt=fmt,
+            input_size=input_size,
+            representative=(lambda: ([x] for x in representative)) if representative else None,
+        )
+        info = dict(info or {})
+        converter = "compress.export"
+    else:
+        _plain_convert(model, path, fmt, input_size, representative)
+        info, converter = {}, "TFLiteConverter"
+    return {**info, "converter": converter, "convert_s": time.perf_counter() - t0}
+
+
+def _audit(path: str) -> dict:
+    try:
+        from compress.audit import audit_tflite
+    except ImportError:
+        return {}
+    try:
+        return dict(audit_tflite(path))
+    except Exception as e:  # an audit failure must not lose the timing
+        return {"audit_error": f"{type(e).__name__}: {e}"}
+
+
+def _count(v) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, dict):
+        return int(sum(v.values()))
+    if isinstance(v, (list, tuple)):
+        return len(v)
+    return int(v)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def check_names(names: Sequence[str]) -> None:
+    """ValueError naming the unknown models and listing the known ones."""
+    from models import list_models
+
+    known = list_models()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"--models: unknown model(s) {', '.join(unknown)}; known models: {', '.join(known)}"
+        )
+
+
+def bench_models(
+    names: Sequence[str],
+    *,
+    threads: Sequence[int] = (1,),
+    formats: Sequence[str] = ("fp32", "int8"),
+    delegates: Sequence[str] = ("xnnpack",),
+    outdir: str,
+    warmup: int = 10,
+    runs: int = 50,
+    min_secs: float = 1.0,
+    repeats: int = 1,
+    num_calib: int = 16,
+    calib_dir: str | None = None,
+    num_classes: int = 1000,
+    create: Callable | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Convert and time every (model, format); one result dict per (file, threads, delegate)."""
+    import models
+    from compress.benchmark import file_sizes, machine_info, measure_latency
+
+    check_names(names)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"--formats: unknown {', '.join(bad)}; known: {', '.join(FORMATS)}")
+    bad = [d for d in delegates if d not in ("xnnpack", "none")]
+    if bad:
+        raise ValueError(f"--delegates: unknown {', '.join(bad)}; known: xnnpack, none")
+    if not threads or any(int(t) < 1 for t in threads):
+        raise ValueError(f"--threads: thread counts must be >= 1, got {list(threads)}")
+    create = create or models.create_model
+    machine = machine_info()
+    os.makedirs(outdir, exist_ok=True)
+    results = []
+    for name in names:
+        size = models.get_model_info(name).default_size
+        model = create(name, num_classes=num_classes, input_size=size)
+        rep = (
+            representative_images(size, num_calib, calib_dir=calib_dir) if "int8" in formats else None
+        )
+        for fmt in formats:
+            path = os.path.join(outdir, f"{name}.bench.{fmt}.tflite")
+            log(f"converting {name} {fmt} at {size}px -> {path}")
+            try:
+                conv = convert(model, path, fmt, size, rep if fmt == "int8" else None)
+            except Exception as e:
+                log(f"  conversion failed: {type(e).__name__}: {e}")
+                results.append(
+                    {"model": name, "format": fmt, "input_size": size, "threads": None,
+                     "p50_ms": None, "p90_ms": None, "partitions": None, "undelegated_ops": {},
+                     "size_bytes": None, "error": f"conversion: {type(e).__name__}: {e}"}
+                )  # fmt: skip
+                continue
+            sizes = file_sizes(path)
+            audit = _audit(path)
+            for delegate in delegates:
+                for t in threads:
+                    lat = measure_latency(
+                        path, threads=int(t), delegate=delegate, warmup=warmup, runs=runs,
+                        min_secs=min_secs, input_size=size, repeats=repeats,
+                    )  # fmt: skip
+                    results.append(
+                        {
+                            "model": name,
+                            "format": fmt,
+                            "input_size": size,
+                            "threads": int(t),
+                            "p50_ms": lat["latency_p50_ms"],
+                            "p90_ms": lat["latency_p90_ms"],
+                            "partitions": lat["partitions"],
+                            "undelegated_ops": lat["undelegated_ops"],
+                            "size_bytes": sizes["size_bytes"],
+                            "gzip_bytes": sizes["gzip_bytes"],
+                            "delegate": delegate,
+                            "measured_delegate": lat.get("measured_delegate"),
+                            "p99_ms": lat.get("latency_p99_ms"),
+                            "mean_ms": lat.get("latency_mean_ms"),
+                            "std_ms": lat.get("latency_std_ms"),
+                            "min_ms": lat.get("latency_min_ms"),
+                            "first_invoke_ms": lat.get("first_invoke_ms"),
+                            "runs": lat.get("runs"),
+                            "warmup": lat.get("warmup"),
+                            "repeats": lat.get("repeats", 1),
+                            "peak_rss_mb": lat.get("peak_rss_mb"),
+                            "runtime": lat.get("runtime"),
+                            "runtime_version": lat.get("runtime_version"),
+                            "op_counts": lat.get("op_counts"),
+                            "flex_ops": _count(audit.get("flex_ops")),
+                            "float_heavy_ops": _count(audit.get("float_heavy_ops")),
+                            "path": path,
+                            "converter": conv["converter"],
+                            "convert_s": round(conv["convert_s"], 2),
+                            "note": lat.get("note", ""),
+                            "error": lat.get("error"),
+                            "machine": machine,
+                        }
+                    )
+                    results[-1] = {k: _nan_to_none(v) for k, v in results[-1].items()}
+                    log(f"  threads={t} {delegate}: p50 {_fmt(lat['latency_p50_ms'])} ms")
+        del model
+    return results
+
+
+def _nan_to_none(v):
+    return None if isinstance(v, float) and v != v else v
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "-" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """A plain-text table of the results."""
+    head = ("model", "format", "size", "threads", "delegate", "p50_ms", "p90_ms", "KiB",
+            "partitions", "undelegated", "note")  # fmt: skip
+    rows = []
+    for r in results:
+        und = r.get("undelegated_ops") or {}
+        rows.append((
+            r["model"], r["format"], str(r["input_size"]), str(r.get("threads")),
+            str(r.get("delegate", "")), _fmt(r.get("p50_ms")), _fmt(r.get("p90_ms")),
+            _fmt(r["size_bytes"] / 1024 if r.get("size_bytes") else None, ".0f"),
+            str(r.get("partitions")), str(sum(und.values())),
+            (r.get("note") or r.get("error") or "")[:60],
+        ))  # fmt: skip
+    widths = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        threads = [int(t) for t in _THREADS.value]
+    except ValueError as e:
+        raise app.UsageError(f"--threads: integers expected, got {_THREADS.value}") from e
+    tmp = None if _OUTDIR.value else tempfile.TemporaryDirectory(prefix="bench_tflite_")
+    outdir = _OUTDIR.value or tmp.name
+    try:
+        results = bench_models(
+            _MODELS.value,
+            threads=threads,
+            formats=_FORMATS.value,
+            delegates=_DELEGATES.value,
+            outdir=outdir,
+            warmup=_WARMUP.value,
+            runs=_RUNS.value,
+            min_secs=_MIN_SECS.value,
+            repeats=_REPEATS.value,
+            num_calib=_NUM_CALIB.value,
+            calib_dir=_CALIB_DIR.value,
+            num_classes=_NUM_CLASSES.value,
+        )
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print()
+    print(format_table(results))
+    if results and results[0].get("machine"):
+        print(f"\n{results[0]['machine']['label']}")
+    if _JSON.value:
+        folder = os.path.dirname(os.path.abspath(_JSON.value))
+        os.makedirs(folder, exist_ok=True)
+        with open(_JSON.value + ".tmp", "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        os.replace(_JSON.value + ".tmp", _JSON.value)
+        print(f"wrote {_JSON.value}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("models")
+    app.run(main)

@@ -1,0 +1,437 @@
+"""Latency harness, TFLite evaluation, results.csv/report/HParams, compare and bench_tflite.
+
+The .tflite files are tiny models converted here with a plain TFLiteConverter (a private
+stand-in for compress.export, which this file does not depend on).
+"""
+
+import csv
+import glob
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from compress import benchmark as bm
+from compress import results as res
+from models.compat import keras, tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAST = dict(warmup=2, runs=8, min_secs=0.0)
+SIZE, CLASSES = 16, 4
+
+
+def _tiny_conv(seed=0, size=SIZE, classes=CLASSES):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    out = keras.layers.Dense(classes, name="head")(x)
+    return keras.Model(inp, out)
+
+
+def _convert(model, path, *, int8=False, rep=None, sparse=False, int8_io=False):
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if int8:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT] + (
+            [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else []
+        )
+        conv.representative_dataset = lambda: ([x] for x in rep)
+        if int8_io:
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
+    with open(path, "wb") as f:
+        f.write(conv.convert())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """fp32 and int8 (int8 I/O) files of a tiny conv net, and a sparse int8 Dense net."""
+    d = tmp_path_factory.mktemp("wd") / "export"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    model = _tiny_conv()
+    rep = [rng.uniform(0, 1, (1, SIZE, SIZE, 3)).astype(np.float32) for _ in range(16)]
+    out = {
+        "model": model,
+        "fp32": _convert(model, d / "tiny.distill.fp32.tflite"),
+        "int8": _convert(model, d / "tiny.distill.int8.tflite", int8=True, rep=rep, int8_io=True),
+    }
+    # A Dense net with 80 % zero kernels, stored sparse: XNNPACK in ai-edge-litert 2.3.0 refuses
+    # to prepare its int8 FULLY_CONNECTED nodes (STACK.md §2d).
+    inp = keras.Input((32,))
+    x = keras.layers.Dense(64, activation="relu", name="d1")(inp)
+    dense = keras.Model(inp, keras.layers.Dense(CLASSES, name="head")(x))
+    for layer in dense.layers[1:]:
+        k, b = layer.get_weights()
+        k[rng.random(k.shape) < 0.8] = 0.0
+        layer.set_weights([k, b])
+    rep32 = [rng.standard_normal((1, 32)).astype(np.float32) for _ in range(8)]
+    out["sparse"] = _convert(
+        dense, d / "dense.prune.int8_sparse.tflite", int8=True, rep=rep32, sparse=True
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def test_latency_runs_in_a_fresh_process_with_sane_statistics(files):
+    r = bm.measure_latency(files["fp32"], threads=1, **FAST)
+    assert r["error"] is None and r["note"] == ""
+    assert r["pid"] != os.getpid()
+    assert r["runtime"] == "ai_edge_litert" and r["runtime_version"]
+    assert r["runs"] >= FAST["runs"] and r["warmup"] == FAST["warmup"]
+    assert 0 < r["latency_min_ms"] <= r["latency_p50_ms"] <= r["latency_p90_ms"] <= r["latency_p99_ms"]
+    assert r["latency_mean_ms"] > 0 and r["latency_std_ms"] >= 0
+    assert r["first_invoke_ms"] > 0
+    # The child imports ai_edge_litert and numpy only; TensorFlow alone would be > 400 MB.
+    assert 0 < r["peak_rss_mb"] < 300
+    assert r["partitions"] >= 1  # XNNPACK took the float conv net
+    assert r["undelegated_ops"] == {}
+    assert r["measured_delegate"] == "xnnpack"
+
+
+def test_repeats_use_one_fresh_process_each(files):
+    r = bm.measure_latency(files["fp32"], threads=1, repeats=3, **FAST)
+    assert r["repeats"] == 3 and len(set(r["pids"])) == 3 and os.getpid() not in r["pids"]
+    assert r["latency_p50_ms"] == pytest.approx(float(np.median(r["latency_p50_ms_repeats"])))
+    assert r["runs"] >= 3 * FAST["runs"]
+
+
+def test_no_delegate_control_has_no_partitions(files):
+    r = bm.measure_latency(files["fp32"], threads=1, delegate="none", **FAST)
+    assert r["error"] is None and r["measured_delegate"] == "none"
+    assert r["partitions"] == 0
+    assert r["undelegated_ops"] == r["op_counts"] and "CONV_2D" in r["op_counts"]
+    assert r["latency_p50_ms"] <= r["latency_p90_ms"]
+
+
+def test_sparse_int8_that_xnnpack_cannot_run_is_reported_not_raised(files):
+    r = bm.measure_latency(files["sparse"], threads=1, **FAST)
+    assert r["error"] and "XNNPack" in r["error"]
+    assert r["delegate"] == "xnnpack" and r["measured_delegate"] == "none"
+    assert "BUILTIN_WITHOUT_DEFAULT_DELEGATES" in r["note"]
+    assert r["runtime"] != "ai_edge_litert"  # says which runtime configuration ran it
+    assert math.isfinite(r["latency_p50_ms"]) and r["latency_p50_ms"] <= r["latency_p90_ms"]
+    assert r["undelegated_ops"].get("DENSIFY", 0) >= 1
+
+    no_fallback = bm.measure_latency(files["sparse"], threads=1, fallback=False, **FAST)
+    assert no_fallback["error"] and math.isnan(no_fallback["latency_p50_ms"])
+
+
+def test_unreadable_file_returns_an_error(tmp_path):
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a flatbuffer" * 10)
+    r = bm.measure_latency(str(bad), threads=1, **FAST)
+    assert r["error"] and math.isnan(r["latency_p50_ms"]) and r["runtime"] is None
+    with pytest.raises(FileNotFoundError):
+        bm.measure_latency(str(tmp_path / "missing.tflite"), threads=1)
+
+
+def test_delegation_summary_counts_partition_members(files):
+    interp = bm._interpreter(files["fp32"], 1, "xnnpack")
+    bm._prepare(interp, None)
+    s = bm.delegation_summary(interp)
+    # CONV_2D and FULLY_CONNECTED are both XNNPACK ops; MEAN (global pool) too.
+    assert s["partitions"] == 1 and s["undelegated_ops"] == {}
+    assert s["op_counts"]["CONV_2D"] == 1 and s["op_counts"]["FULLY_CONNECTED"] == 1
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def _dataset_with_known_top1(model, n=12, k=9, batch=5):
+    """Batches whose labels equal Keras's top-1 for the first k images and differ after."""
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 1, (n, SIZE, SIZE, 3)).astype(np.float32)
+    keras_pred = np.argmax(model.predict(images, verbose=0), axis=-1)
+    labels = np.where(np.arange(n) < k, keras_pred, (keras_pred + 1) % CLASSES).astype(np.int32)
+    batches = [(images[i : i + batch], labels[i : i + batch]) for i in range(0, n, batch)]
+    return batches, keras_pred
+
+
+def test_evaluate_tflite_top1_and_agreement(files):
+    batches, keras_pred = _dataset_with_known_top1(files["model"])
+    r = bm.evaluate_tflite(files["fp32"], batches, threads=1, progress=False)
+    assert r["n"] == 12 and r["predictions"].shape == (12,)
+    assert bm.agreement(r["predictions"], keras_pred) == 1.0
+    assert r["top1"] == pytest.approx(9 / 12, abs=1e-9)
+    assert np.array_equal(bm.keras_predictions(files["model"], batches), keras_pred)
+    tf_batches = tf.data.Dataset.from_tensor_slices(
+        (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+    ).batch(4)
+    r2 = bm.evaluate_tflite(files["fp32"], tf_batches, threads=1, limit=7, progress=False)
+    assert r2["n"] == 7 and np.array_equal(r2["predictions"], r["predictions"][:7])
+
+
+def test_evaluate_int8_io_file_quantizes_inputs(files):
+    batches, keras_pred = _dataset_with_known_top1(files["model"])
+    r = bm.evaluate_tflite(files["int8"], batches, threads=1, progress=False)
+    # A calibrated int8 copy of a 4-class net keeps most top-1 decisions of the float model.
+    assert bm.agreement(r["predictions"], keras_pred) >= 0.75
+
+
+def test_evaluate_sparse_int8_falls_back_with_a_note(files):
+    rng = np.random.default_rng(2)
+    batches = [(rng.standard_normal((4, 32)).astype(np.float32), np.zeros(4, np.int32))]
+    r = bm.evaluate_tflite(files["sparse"], batches, threads=1, progress=False)
+    assert r["n"] == 4 and "BUILTIN_WITHOUT_DEFAULT_DELEGATES" in r["note"]
+    assert r["delegate"] == "none"
+
+
+def test_machine_info_labels_host_figures():
+    m = bm.machine_info()
+    assert m["host_figures"] is True and m["cpu"] and m["cores"] >= 1
+    assert m["packages"]["ai-edge-litert"] and m["packages"]["tensorflow"]
+    assert "not phone figures" in m["label"]
+
+
+# --------------------------------------------------------------------------- results.csv
+
+
+def _rows(files, threads=(1,), delegates=("xnnpack",)):
+    rows = []
+    for key in ("fp32", "int8"):
+        for d in delegates:
+            for t in threads:
+                lat = bm.measure_latency(files[key], threads=t, delegate=d, **FAST)
+                rows.append(
+                    res.make_row(
+                        files[key], lat, workdir=os.path.dirname(os.path.dirname(files[key])),
+                        input_size=SIZE, evaluation={"top1": 0.5 if key == "fp32" else 0.4},
+                        agreement=1.0 if key == "fp32" else 0.9, params=100, macs=5000,
+                        sparsity=0.0, machine=bm.machine_info(),
+                    )
+                )  # fmt: skip
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rows(files):
+    return _rows(files, threads=(1, 2))
+
+
+def test_results_csv_has_contract_columns_and_merges(files, rows, tmp_path):
+    path = res.write_results(tmp_path, rows, machine=bm.machine_info())
+    with open(path, newline="") as f:
+        header = next(csv.reader(f))
+    assert tuple(header[: len(res.COLUMNS)]) == res.COLUMNS
+    assert res.COLUMNS[:4] == ("model", "stage", "format", "path")
+    back = res.read_results(tmp_path, numeric=True)
+    assert len(back) == 4
+    assert {(r["format"], r["threads"]) for r in back} == {("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)}
+    assert back[0]["model"] == "tiny" and back[0]["stage"] == "distill"
+    workdir = os.path.dirname(os.path.dirname(files["fp32"]))
+    assert back[0]["path"] == os.path.join("export", "tiny.distill.fp32.tflite")
+    assert back[0]["size_bytes"] == os.path.getsize(os.path.join(workdir, back[0]["path"]))
+
+    # A resumed benchmark re-measures one configuration: the row is replaced, not added.
+    again = dict(rows[0], latency_p50_ms=123.0, note="re-measured")
+    res.write_results(tmp_path, [again])
+    back2 = res.read_results(tmp_path, numeric=True)
+    assert len(back2) == 4 and back2[0]["latency_p50_ms"] == 123.0 and back2[0]["note"] == "re-measured"
+    assert back2[1:] == back[1:]
+    res.write_results(tmp_path, [dict(rows[0], delegate="none")])
+    assert len(res.read_results(tmp_path)) == 5
+    assert sorted(os.listdir(tmp_path)) == ["machine.json", "results.csv"]  # no temp files left
+    with pytest.raises(ValueError, match="key"):
+        res.write_results(tmp_path, [dict(rows[0], path="")])
+
+
+def test_ops_round_trip_and_name_parsing():
+    ops = {"SOFTMAX": 2, "BATCH_MATMUL": 4}
+    assert res.format_ops(ops) == "BATCH_MATMUL:4;SOFTMAX:2"
+    assert res.parse_ops(res.format_ops(ops)) == ops
+    assert res.parse_tflite_name("export/mobilevit_xxs.qat.int8.tflite") == {
+        "model": "mobilevit_xxs", "stage": "qat", "format": "int8"
+    }  # fmt: skip
+    with pytest.raises(ValueError):
+        res.parse_tflite_name("model.tflite")
+
+
+def _png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 2000
+
+
+def test_report_and_plots_are_written(rows, tmp_path):
+    res.write_results(tmp_path, rows, machine=bm.machine_info())
+    report = res.write_report(str(tmp_path))
+    text = open(report).read()
+    assert "host figures" in text and "| model |" in text
+    assert text.count("| tiny | distill |") == 4
+    for name in res.PLOTS:
+        assert _png(tmp_path / name), name
+        assert f"]({name})" in text
+    assert "no data for this plot" not in text
+
+
+def _events(logdir):
+    from tensorflow.core.util import event_pb2
+
+    tags = []
+    for f in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+        for rec in tf.data.TFRecordDataset(f):
+            ev = event_pb2.Event.FromString(rec.numpy())
+            tags += [v.tag for v in ev.summary.value]
+    return tags
+
+
+def test_hparams_one_trial_per_row(rows, tmp_path):
+    res.write_results(tmp_path, rows)
+    logdir = res.write_hparams(str(tmp_path))
+    assert logdir == os.path.join(str(tmp_path), "tb", "hparams")
+    assert "_hparams_/experiment" in _events(logdir)
+    trials = sorted(d for d in os.listdir(logdir) if os.path.isdir(os.path.join(logdir, d)))
+    assert len(trials) == len(rows)
+    tags = _events(os.path.join(logdir, trials[0]))
+    assert "_hparams_/session_start_info" in tags
+    assert {"latency_p50_ms", "top1", "size_bytes", "agreement"} <= set(tags)
+
+
+def test_benchmark_files_fills_a_workdir_and_resumes(files, tmp_path):
+    import shutil
+
+    (tmp_path / "export").mkdir()
+    for key in ("fp32", "int8"):
+        shutil.copy(files[key], tmp_path / "export")
+    batches, keras_pred = _dataset_with_known_top1(files["model"])
+    kw = dict(threads=(1,), delegates=("xnnpack", "none"), dataset=batches, eval_threads=1,
+              reference_predictions=lambda path: keras_pred, log=lambda msg: None,
+              file_info=lambda path: {"params": files["model"].count_params()}, **FAST)  # fmt: skip
+    written = bm.benchmark_files(str(tmp_path), **kw)
+    assert len(written) == 4
+    back = res.read_results(tmp_path, numeric=True)
+    assert len(back) == 4 and {r["delegate"] for r in back} == {"xnnpack", "none"}
+    fp32 = [r for r in back if r["format"] == "fp32"]
+    assert all(r["top1"] == pytest.approx(9 / 12) and r["agreement"] == 1.0 for r in fp32)
+    assert all(r["input_size"] == SIZE and r["params"] == files["model"].count_params() for r in back)
+    assert all(r["partitions"] == 0 for r in back if r["delegate"] == "none")
+    assert os.path.exists(tmp_path / "machine.json")
+    assert bm.benchmark_files(str(tmp_path), **kw) == []  # resumed: nothing left to measure
+    assert len(res.read_results(tmp_path)) == 4
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_merges_workdirs_and_names_the_flag(rows, tmp_path):
+    from experiments.compare import compare
+
+    a, b = tmp_path / "run_a", tmp_path / "run_b"
+    res.write_results(a, rows[:2], machine=bm.machine_info())
+    res.write_results(b, rows, machine=bm.machine_info())
+    out = tmp_path / "cmp"
+    paths = compare([str(a), str(b)], str(out))
+    merged = res.read_results(out)
+    assert len(merged) == 6  # same relative paths in both workdirs stay separate rows
+    assert {r["workdir"] for r in merged} == {str(a), str(b)}
+    assert list(merged[0])[: len(res.COLUMNS)] == list(res.COLUMNS)
+    text = open(paths["report"]).read()
+    assert "run_a" in text and "run_b" in text
+    assert all(_png(out / n) for n in res.PLOTS)
+    trials = [d for d in os.listdir(paths["hparams"]) if os.path.isdir(os.path.join(paths["hparams"], d))]
+    assert len(trials) == 6
+
+    with pytest.raises(ValueError, match="--workdirs.*does not exist"):
+        compare([str(a), str(tmp_path / "nope")], str(out))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="--workdirs.*results.csv"):
+        compare([str(tmp_path / "empty")], str(out))
+
+
+def test_compare_cli_reports_missing_workdir(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.compare", f"--workdirs={tmp_path / 'nope'}",
+         f"--out={tmp_path / 'o'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "--workdirs" in proc.stderr and "does not exist" in proc.stderr
+
+
+# --------------------------------------------------------------------------- bench_tflite
+
+
+@pytest.fixture(scope="module")
+def bench_script():
+    name = "bench_tflite_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", "bench_tflite.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    return sys.modules[name]
+
+
+@pytest.fixture
+def tiny_registered(monkeypatch):
+    """A tiny model registered under a test name (removed afterwards)."""
+    from models import registry
+
+    registry.list_models()  # load the real registry first
+
+    def tiny_bench_net(*, num_classes=1000, input_size=None, **overrides):
+        return _tiny_conv(size=input_size or 24, classes=num_classes)
+
+    info = registry.ModelInfo(
+        name="tiny_bench_net", params=0, default_size=24, size_divisor=1, fixed_size=False,
+        family="test", role="student", builder=tiny_bench_net,
+    )  # fmt: skip
+    monkeypatch.setitem(registry._REGISTRY, "tiny_bench_net", info)
+    return "tiny_bench_net"
+
+
+def test_bench_tflite_json_has_contract_keys(bench_script, tiny_registered, tmp_path):
+    from absl.testing import flagsaver
+
+    out_json = tmp_path / "bench.json"
+    argv = (
+        ["bench_tflite", f"--models={tiny_registered}", "--threads=1,2", "--formats=fp32,int8",
+         f"--json={out_json}", "--runs=5", "--warmup=2", "--min_secs=0", "--num_calib=4",
+         "--num_classes=10", f"--outdir={tmp_path / 'files'}"]
+    )  # fmt: skip
+    with flagsaver.flagsaver():
+        bench_script.FLAGS(argv)
+        bench_script.main(["bench_tflite"])
+    data = json.loads(out_json.read_text())
+    assert isinstance(data, list) and len(data) == 4
+    keys = {"model", "format", "input_size", "threads", "p50_ms", "p90_ms", "partitions",
+            "undelegated_ops", "size_bytes"}  # fmt: skip
+    for r in data:
+        assert keys <= set(r), keys - set(r)
+        assert r["model"] == tiny_registered and r["input_size"] == 24
+        assert isinstance(r["undelegated_ops"], dict)
+        assert 0 < r["p50_ms"] <= r["p90_ms"]
+        assert r["size_bytes"] == os.path.getsize(r["path"])
+        assert r["error"] is None
+    assert {(r["format"], r["threads"]) for r in data} == {
+        ("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)
+    }  # fmt: skip
+    fp32 = next(r for r in data if r["format"] == "fp32")
+    int8 = next(r for r in data if r["format"] == "int8")
+    assert int8["size_bytes"] < fp32["size_bytes"]
+    table = bench_script.format_table(data)
+    assert table.count(tiny_registered) == 4
+
+
+def test_bench_tflite_refuses_unknown_models(bench_script):
+    with pytest.raises(ValueError, match="known models: .*vit_tiny_patch16"):
+        bench_script.check_names(["vit_tiny_patch16", "no_such_net"])
+
+
+def test_bench_tflite_cli_lists_known_models(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_tflite.py", "--models=no_such_net", f"--json={tmp_path / 'x.json'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "no_such_net" in proc.stderr and "vit_tiny_patch16" in proc.stderr
+    assert not (tmp_path / "x.json").exists()

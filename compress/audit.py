@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -184,9 +185,11 @@ def probe_delegation_isolated(path, threads: int = 1, delegate: str = "xnnpack",
     for line in p.stdout.splitlines():
         if line.startswith("@@PROBE@@"):
             return json.loads(line[len("@@PROBE@@"):])
-    tail = (p.stderr or "").strip().splitlines()[-3:]
+    tail = [ln for ln in (p.stderr or "").strip().splitlines() if "Created TensorFlow" not in ln]
+    code = p.returncode
+    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
     return dict(delegate=delegate, ok=False,
-                error=f"interpreter process died (exit code {p.returncode}): {' | '.join(tail)}",
+                error=f"interpreter process died ({how}): {' | '.join(tail[-3:])}".rstrip(": "),
                 partitions=0, undelegated_ops={}, undelegated_detail={})
 
 
@@ -322,7 +325,8 @@ def format_op_counts(counts: dict) -> str:
 # -- Keras vs TFLite ---------------------------------------------------------------------------
 
 
-def parity(model, path, images, *, threads: int = 1, delegate: str | None = None) -> dict:
+def parity(model, path, images, *, threads: int = 1, delegate: str | None = None,
+           isolate: bool = True) -> dict:
     """Keras-vs-TFLite comparison on `images` [N, S, S, 3] (float, as the model takes them).
 
     Args:
@@ -330,6 +334,8 @@ def parity(model, path, images, *, threads: int = 1, delegate: str | None = None
       path: the .tflite file (batch-1 input; a dynamic one is resized to the images' shape).
       delegate: "xnnpack", "none", or None for XNNPACK with a fallback to "none" when XNNPACK
         cannot run the file (sparse int8, STACK §2d).
+      isolate: first check in a child process that the interpreter runs the file (a file that
+        aborts, like a 16x8 one with LayerNorm, raises RuntimeError instead of killing this one).
     Returns: dict(max_abs_diff, mean_abs_diff, top1_agreement, n, delegate).
     """
     images = np.asarray(images, np.float32)
@@ -337,6 +343,17 @@ def parity(model, path, images, *, threads: int = 1, delegate: str | None = None
     shape = [1, *images.shape[1:]]
     tried = [delegate] if delegate else ["xnnpack", "none"]
     last = None
+    if isolate and not isinstance(path, (bytes, bytearray)):
+        errors = {}
+        for d in tried:
+            probe = probe_delegation_isolated(path, threads, d, input_shape=shape)
+            if probe["ok"]:
+                tried = [d]
+                break
+            errors[d] = probe["error"]
+        else:
+            raise RuntimeError(f"ai_edge_litert cannot run {path}: "
+                               + "; ".join(f"{d}: {e}" for d, e in errors.items()))
     for d in tried:
         try:
             it = make_interpreter(path, threads, d, input_shape=shape)

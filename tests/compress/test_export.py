@@ -216,7 +216,7 @@ def test_formats_needing_calibration_refuse_without_it(trained, tmp_path):
     assert not (tmp_path / "x.tflite").exists()
 
 
-def test_failed_write_leaves_the_old_file_and_no_partial_one(trained, tmp_path, monkeypatch):
+def test_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
     target = tmp_path / "m.fp32.tflite"
     target.write_bytes(b"old")
 
@@ -225,7 +225,7 @@ def test_failed_write_leaves_the_old_file_and_no_partial_one(trained, tmp_path, 
 
     monkeypatch.setattr(export_mod.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        export_tflite(trained["model"], target, fmt="fp32", input_size=S)
+        export_tflite(handmade(), target, fmt="fp32", input_size=8)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp32.tflite"]
 

@@ -1,4 +1,4 @@
-"""Read (and patch in place) the flatbuffer of a .tflite file with the schema shipped in ai_edge_litert.
+"""Read (and patch in place) the flatbuffer of a .tflite file with the schema in ai_edge_litert.
 
 A `.tflite` file is a flatbuffer of the TFLite schema (`tensorflow/compiler/mlir/lite/schema/
 schema.fbs`); `ai_edge_litert` (and `tensorflow.lite.python`) ship its generated Python module

@@ -1,0 +1,1 @@
+"""Compression stages: distillation, pruning, QAT, TFLite export and audit."""

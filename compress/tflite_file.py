@@ -1,0 +1,200 @@
+"""Read (and patch in place) the flatbuffer of a .tflite file with the schema in ai_edge_litert.
+
+A `.tflite` file is a flatbuffer of the TFLite schema (`tensorflow/compiler/mlir/lite/schema/
+schema.fbs`); `ai_edge_litert` (and `tensorflow.lite.python`) ship its generated Python module
+`schema_py_generated`. This module turns a file into plain Python records (ops with their type
+name, inputs and outputs; tensors with name, dtype, shape and quantization) and offers one edit:
+overwriting a tensor's per-tensor quantization parameters in place (the scale and zero-point
+vectors keep their length, so the bytes are changed where they are and nothing is repacked).
+
+Only the main subgraph (index 0) is read: the converter puts every op of an image classifier there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+try:  # the LiteRT wheel is the runtime of the project; TF ships the same generated module
+    from ai_edge_litert import schema_py_generated as schema
+except ImportError:  # pragma: no cover
+    from tensorflow.lite.python import schema_py_generated as schema
+
+_OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+_DTYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+
+
+@dataclasses.dataclass
+class Tensor:
+    index: int
+    name: str
+    dtype: str  # "FLOAT32", "INT8", "FLOAT16", ...
+    shape: tuple
+    shape_signature: tuple  # -1 for dynamic dimensions (empty when the file has none)
+    buffer: int
+    has_data: bool  # a constant (weights, biases, shape constants)
+    sparse: bool  # stored with TFLite sparsity metadata (EXPERIMENTAL_SPARSITY)
+    scale: np.ndarray | None  # quantization scale(s), None when not quantized
+    zero_point: np.ndarray | None
+
+
+@dataclasses.dataclass
+class Op:
+    index: int
+    type: str  # builtin name, "CUSTOM" for custom ops
+    custom_code: str  # e.g. "FlexConv2D" for Flex ops, "" for builtins
+    inputs: tuple  # tensor indices, -1 for an omitted optional input
+    outputs: tuple
+
+
+class TFLiteFile:
+    """Parsed view of the main subgraph of a .tflite flatbuffer.
+
+    Args:
+      data: the file path or its bytes. Bytes are copied into a `bytearray`, which
+        `set_symmetric_quantization` edits; `data_bytes()` returns the (edited) file.
+    """
+
+    def __init__(self, data: bytes | str | os.PathLike):
+        if isinstance(data, (str, os.PathLike)):
+            with open(data, "rb") as f:
+                data = f.read()
+        self._buf = bytearray(data)
+        self._model = schema.Model.GetRootAsModel(self._buf, 0)
+        if self._model.SubgraphsLength() < 1:
+            raise ValueError("the .tflite file has no subgraph")
+        self.num_subgraphs = self._model.SubgraphsLength()
+        self._sg = self._model.Subgraphs(0)
+        self.tensors = [self._read_tensor(i) for i in range(self._sg.TensorsLength())]
+        self.ops = [self._read_op(i) for i in range(self._sg.OperatorsLength())]
+        self.inputs = tuple(int(i) for i in self._sg.InputsAsNumpy())
+        self.outputs = tuple(int(i) for i in self._sg.OutputsAsNumpy())
+        self.producer = {t: op.index for op in self.ops for t in op.outputs}
+        self.consumers: dict[int, list[int]] = {}
+        for op in self.ops:
+            for t in op.inputs:
+                if t >= 0:
+                    self.consumers.setdefault(t, []).append(op.index)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _opcode_name(self, code_index: int) -> tuple[str, str]:
+        oc = self._model.OperatorCodes(code_index)
+        code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
+        name = _OP_NAMES.get(code, f"BUILTIN_{code}")
+        custom = oc.CustomCode()
+        return name, (custom.decode() if custom else "")
+
+    def _read_op(self, i: int) -> Op:
+        op = self._sg.Operators(i)
+        name, custom = self._opcode_name(op.OpcodeIndex())
+        ins = tuple(int(x) for x in op.InputsAsNumpy()) if op.InputsLength() else ()
+        outs = tuple(int(x) for x in op.OutputsAsNumpy()) if op.OutputsLength() else ()
+        return Op(i, name, custom, ins, outs)
+
+    def _buffer_size(self, b: int) -> int:
+        buf = self._model.Buffers(b)
+        if buf is None:
+            return 0
+        if buf.Offset() > 1:  # large models keep data after the flatbuffer
+            return int(buf.Size())
+        return int(buf.DataLength())
+
+    def _read_tensor(self, i: int) -> Tensor:
+        t = self._sg.Tensors(i)
+        q = t.Quantization()
+        scale = zp = None
+        if q is not None and q.ScaleLength() > 0:
+            scale = np.array(q.ScaleAsNumpy(), dtype=np.float32)
+            zp = np.array(q.ZeroPointAsNumpy(), dtype=np.int64) if q.ZeroPointLength() else None
+        sig = tuple(int(x) for x in t.ShapeSignatureAsNumpy()) if t.ShapeSignatureLength() else ()
+        shape = tuple(int(x) for x in t.ShapeAsNumpy()) if t.ShapeLength() else ()
+        return Tensor(
+            index=i,
+            name=(t.Name() or b"").decode(),
+            dtype=_DTYPE_NAMES.get(t.Type(), str(t.Type())),
+            shape=shape,
+            shape_signature=sig,
+            buffer=int(t.Buffer()),
+            has_data=self._buffer_size(int(t.Buffer())) > 0,
+            sparse=t.Sparsity() is not None,
+            scale=scale,
+            zero_point=zp,
+        )
+
+    def buffer_array(self, tensor: int) -> np.ndarray | None:
+        """The stored values of a constant tensor as a flat numpy array (None if not constant).
+
+        For a sparse tensor these are the stored (non-pruned block) values only.
+        """
+        t = self.tensors[tensor]
+        dtype = {"FLOAT32": np.float32, "FLOAT16": np.float16, "INT8": np.int8,
+                 "UINT8": np.uint8, "INT16": np.int16, "INT32": np.int32,
+                 "INT64": np.int64}.get(t.dtype)
+        if not t.has_data or dtype is None:
+            return None
+        buf = self._model.Buffers(t.buffer)
+        if buf.Offset() > 1:
+            raw = bytes(self._buf[buf.Offset(): buf.Offset() + buf.Size()])
+        else:
+            raw = buf.DataAsNumpy().tobytes()
+        return np.frombuffer(raw, dtype=dtype)
+
+    def data_bytes(self) -> bytes:
+        return bytes(self._buf)
+
+    # -- editing -----------------------------------------------------------------------------
+
+    def _quant_vectors(self, tensor: int):
+        q = self._sg.Tensors(tensor).Quantization()
+        return q.ScaleAsNumpy(), q.ZeroPointAsNumpy()
+
+    def set_symmetric_quantization(self, tensors: list[int]) -> float:
+        """Gives `tensors` one common per-tensor int8 quantization with zero point 0, in place.
+
+        Meant for a group of tensors joined by ops that need equal input and output parameters
+        (RESHAPE, TRANSPOSE, ...). The new scale covers the union of the old representable
+        ranges: max over the group of max(|min|, |max|) / 127, with min/max = (-128 - zp) * s and
+        (127 - zp) * s. Ops at the group's border (FULLY_CONNECTED, BATCH_MATMUL, QUANTIZE, ...)
+        read the parameters at prepare time, so they requantize to the new ones. The scale and
+        zero-point vectors are views into the file's bytes, so nothing is repacked.
+
+        Returns: the new scale.
+        """
+        addresses: dict[int, set] = {}
+        for i in range(self._sg.TensorsLength()):
+            q = self._sg.Tensors(i).Quantization()
+            if q is not None and q.ScaleLength() and q.ZeroPointLength():
+                s, z = self._quant_vectors(i)
+                addresses.setdefault(s.__array_interface__["data"][0], set()).add(i)
+                addresses.setdefault(z.__array_interface__["data"][0], set()).add(i)
+        targets = set(tensors)
+        bound = 0.0
+        for i in tensors:
+            t = self.tensors[i]
+            if (t.dtype != "INT8" or t.scale is None or t.scale.size != 1 or t.has_data
+                    or t.zero_point is None):
+                raise ValueError(f"tensor {t.name!r} is not a per-tensor int8 activation")
+            s, z = self._quant_vectors(i)
+            for vec in (s, z):
+                shared = addresses[vec.__array_interface__["data"][0]] - targets
+                if shared:
+                    raise ValueError(f"quantization of {t.name!r} is shared with tensors {shared}")
+            old_s, old_z = float(s[0]), int(z[0])
+            bound = max(bound, abs((-128 - old_z) * old_s), abs((127 - old_z) * old_s))
+        new_s = np.float32(bound / 127.0)
+        for i in tensors:
+            s, z = self._quant_vectors(i)
+            s[0] = new_s
+            z[0] = 0
+            self.tensors[i].scale = np.array([new_s], np.float32)
+            self.tensors[i].zero_point = np.array([0], np.int64)
+        return float(new_s)
+
+def op_counts(ops) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for op in ops:
+        counts[op.type] = counts.get(op.type, 0) + 1
+    return dict(sorted(counts.items()))

@@ -76,7 +76,11 @@ class TakeToken(keras.layers.Layer):
         self.index = int(index)
 
     def call(self, x):
-        return x[:, self.index]
+        # SLICE with explicit sizes + RESHAPE: XNNPACK takes neither x[:, i] (STRIDED_SLICE) nor a
+        # SLICE with -1 sizes, which would split the graph into two partitions
+        size = tf.stack([tf.shape(x)[0], 1, x.shape[-1]])  # no -1 sizes: XNNPACK refuses those
+        token = tf.slice(x, [0, self.index, 0], size)
+        return tf.reshape(token, (-1, x.shape[-1]))
 
     def get_prunable_weights(self):
         return []

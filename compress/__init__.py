@@ -1,0 +1,2 @@
+"""Compression of the registered models: distillation, pruning (`compress.prune`),
+quantization-aware training (`compress.quantize`) and export."""

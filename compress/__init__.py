@@ -1,1 +1,4 @@
-"""Compression stages: distillation, pruning, QAT, TFLite export and audit."""
+"""Compression of the registered models: distillation (`compress.distill`), the training engine
+(`compress.training`), pruning (`compress.prune`), quantization-aware training
+(`compress.quantize`), TFLite export and audit (`compress.export`, `compress.audit`), and
+measurement (`compress.benchmark`, `compress.results`)."""

@@ -48,6 +48,15 @@ def test_forward_any_multiple_of_32(xxs_dynamic, size):
     assert out.shape == (1, 10) and np.isfinite(out.numpy()).all()
 
 
+def test_every_weight_gets_a_gradient_through_the_resize_path(xxs_dynamic):
+    x = np.random.default_rng(1).random((2, 160, 160, 3), "float32")  # 5x5 map at stage 5
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(xxs_dynamic(x, training=True) ** 2)
+    grads = tape.gradient(loss, xxs_dynamic.trainable_weights)
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+    assert all(np.abs(g.numpy()).max() > 0 for g in grads)
+
+
 def test_fixed_input_size_and_overrides():
     model = models.create_model("mobilevit_xxs", num_classes=7, input_size=160, dropout=0.1)
     assert model.input_shape == (None, 160, 160, 3) and model.output_shape == (None, 7)

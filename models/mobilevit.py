@@ -40,8 +40,9 @@ PATCH = 2
 HEADS = 4
 MLP_RATIO = 2
 
-# (channels, expansion) of the inverted-residual stages and (channels, transformer dim, depth)
-# of the three MobileViT stages; timm `model_cfgs` / ml-cvnets `config/mobilevit.py`.
+# MV2 expansion; (channels, blocks, first stride) of the two inverted-residual stages;
+# (channels, transformer dim, depth) of the three MobileViT stages (each opens with a stride-2
+# inverted residual); head conv width. timm `model_cfgs` / ml-cvnets `config/mobilevit.py`.
 _CFGS = {
     "xxs": dict(expansion=2, stem=16, ir=((16, 1, 1), (24, 3, 2)),
                 mvit=((48, 64, 2), (64, 80, 4), (80, 96, 3)), head=320),

@@ -342,8 +342,8 @@ class Run:
 
     # ------------------------------------------------------------------------------- benchmark
     def stage_benchmark(self, stage: StageDir) -> None:
-        from compress import benchmark, results
-        from compress.export import static_costs
+        from compress import benchmark
+        from compress.audit import static_costs
 
         b = self.cfg.benchmark
         stage.begin(b.to_dict())
@@ -352,40 +352,63 @@ class Run:
         val = self._val_ds(size)
         if b.val_limit:
             val = val.unbatch().take(b.val_limit).batch(self.cfg.eval_batch_size)
-        done = results.existing_keys(self.workdir)
-        keras_preds, costs = {}, {}
-        for rel, meta in sorted(manifest.items()):
-            stage_name, fmt = meta["stage"], meta["format"]
-            if stage_name not in keras_preds:
+        val = [(x.numpy(), y.numpy()) for x, y in val]  # scored once per file, same images
+        per_stage = {}  # stage -> (Keras top-1 per image, static costs), computed once
+
+        def stage_facts(stage_name):
+            if stage_name not in per_stage:
                 model = self.inference_model(stage_name, size)
-                keras_preds[stage_name] = np.concatenate(
-                    [np.argmax(model(x, training=False).numpy(), -1) for x, _ in val])
-                costs[stage_name] = static_costs(model, size)
+                preds = np.concatenate([np.argmax(model(x, training=False).numpy(), -1)
+                                        for x, _ in val])
+                per_stage[stage_name] = (preds, static_costs(model, size))
                 keras.backend.clear_session()
-            scored = benchmark.evaluate_tflite(str(self.workdir / rel), val)
-            agreement = float(np.mean(np.asarray(scored["predictions"]) == keras_preds[stage_name]))
-            for threads in b.threads:
-                threads = threads or os.cpu_count()
-                for delegate in b.delegates:
-                    if (rel, threads, delegate) in done:
-                        continue
-                    lat = benchmark.measure_latency(str(self.workdir / rel), threads=threads,
-                                                    delegate=delegate, warmup=b.warmup,
-                                                    runs=b.runs)
-                    results.append_row(self.workdir, results.make_row(
-                        model=self.student, stage=stage_name, fmt=fmt, path=rel, input_size=size,
-                        threads=threads, delegate=delegate, latency=lat, top1=scored["top1"],
-                        agreement=agreement, audit=meta["audit"], costs=costs[stage_name],
-                        meta=meta))
-        stage.finish({"rows": len(results.read_rows(self.workdir))})
+            return per_stage[stage_name]
+
+        def rel(path):
+            return os.path.relpath(path, self.workdir)
+
+        def file_info(path):
+            meta = manifest[rel(path)]
+            costs = stage_facts(meta["stage"])[1]
+            return {"model": self.student, "stage": meta["stage"], "format": meta["format"],
+                    "input_size": size, "params": costs["params"], "macs": costs["macs"],
+                    "sparsity": meta["audit"].get("sparsity")}
+
+        threads = [t or os.cpu_count() for t in b.threads]
+        benchmark.benchmark_files(
+            str(self.workdir), [str(self.workdir / r) for r in sorted(manifest)],
+            threads=threads, delegates=list(b.delegates), warmup=b.warmup, runs=b.runs,
+            input_size=size, dataset=val, file_info=file_info,
+            reference_predictions=lambda path: stage_facts(manifest[rel(path)]["stage"])[0])
+        stage.finish({"files": len(manifest)})
 
     def stage_report(self, stage: StageDir) -> None:
         from compress import results
 
         stage.begin({})
-        metrics = {s: StageDir(self.workdir, s).metrics() for s in ("teacher", "distill", "prune",
-                                                                    "qat")}
-        results.write_report(self.workdir, stage_metrics=metrics)
-        results.write_hparams(self.workdir, results.read_rows(self.workdir))
-        stage.finish({"report": str(self.workdir / "report.md"),
+        report = results.write_report(str(self.workdir), title=f"{self.student} from "
+                                      f"{self.teacher_arg} ({self.cfg.preset} preset)")
+        results.write_hparams(str(self.workdir))
+        lines = ["", "## Training stages (Keras, validation split)", "",
+                 "| stage | val top-1 | note |", "|---|---|---|"]
+        for name in ("teacher", "distill", "prune", "qat"):
+            m = StageDir(self.workdir, name).metrics()
+            if not m:
+                continue
+            note = {"teacher": f"{self.teacher_arg}",
+                    "distill": f"{self.cfg.distill.kind} KD, alpha {self.cfg.distill.alpha}, "
+                               f"T {self.cfg.distill.temperature}",
+                    "prune": f"sparsity {m.get('sparsity')}",
+                    "qat": "fake-quant model"}[name]
+            lines.append(f"| {name} | {_pct(m.get('val_top1'))} | {note} |")
+            if name == "distill" and m.get("baseline_val_top1") is not None:
+                lines.append(f"| labels-only baseline | {_pct(m['baseline_val_top1'])} | "
+                             "same student, steps and data, no teacher |")
+        with open(report, "a") as f:
+            f.write("\n".join(lines) + "\n")
+        stage.finish({"report": report,
                       "plots": sorted(glob.glob(str(self.workdir / "*.png")))})
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * float(value):.1f}%"

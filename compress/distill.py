@@ -39,6 +39,7 @@ KINDS = ("none", "soft", "hard")
 def label_loss(labels, logits, *, label_smoothing: float = 0.0):
     """Per-example cross-entropy [B] of `logits` [B, C] against int labels [B] or soft [B, C]."""
     logits = tf.cast(logits, tf.float32)
+    labels = tf.convert_to_tensor(labels)
     num_classes = tf.shape(logits)[-1]
     if labels.shape.rank == 1:  # int class ids
         targets = tf.one_hot(tf.cast(labels, tf.int32), num_classes)
@@ -108,6 +109,7 @@ def _eval_logits(outputs):
 
 
 def _correct(labels, logits):
+    labels = tf.convert_to_tensor(labels)
     pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
     if labels.shape.rank == 1:
         target = tf.cast(labels, tf.int32)

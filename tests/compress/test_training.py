@@ -92,6 +92,7 @@ def test_distill_multiscale_tensorboard_and_metrics(tmp_path):
     assert [s for s, _ in res] == list(range(1, 13))
     assert [v for _, v in res] == [SIZES[(s - 1) % len(SIZES)] for s, _ in res]
     assert sorted(s for s, _ in values["val/top1"]) == [6, 12]
+    assert d.train_function.experimental_get_tracing_count() == 1  # one graph for all sizes
     lr = dict(values["train/learning_rate"])
     np.testing.assert_allclose(lr[3], float(WarmupCosine(5e-3, 12, 2)(2)), rtol=1e-5)
     ckpts = tf.train.get_checkpoint_state(str(tmp_path / "ckpt")).all_model_checkpoint_paths

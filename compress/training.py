@@ -178,6 +178,7 @@ class _Engine(keras.callbacks.Callback):
         self.win_images = self.win_seconds = 0.0  # since the last TensorBoard write
         self.last_logs = {}
         self.val = {}
+        self.step_rates = []  # images/s of each timed step
 
     def on_train_begin(self, logs=None):
         self.last_time = None  # the first step of each fit call includes tracing: not timed
@@ -193,6 +194,7 @@ class _Engine(keras.callbacks.Callback):
             self.timed_seconds += dt
             self.win_images += images
             self.win_seconds += dt
+            self.step_rates.append(images / dt)
         self.last_time = now
         for key in ("step_loss", "step_label_loss", "step_kd_loss", "step_accuracy"):
             if key in logs:
@@ -318,8 +320,8 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
 
     Returns:
       dict with `step`, `start_step`, `val_top1`, `val_loss` (when `val_ds`), `train_loss`,
-      `train_accuracy` (means over the last chunk), `images_per_sec` (timed steps of this call)
-      and `wall_s`.
+      `train_accuracy` (means over the last chunk), `images_per_sec` (all timed steps of this
+      call: images / seconds), `images_per_sec_median` (median over those steps) and `wall_s`.
     """
     t0 = time.perf_counter()
     steps = int(steps)
@@ -413,5 +415,7 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
                        train_accuracy=float(history["accuracy"]))
     if engine.timed_seconds:
         metrics["images_per_sec"] = engine.timed_images / engine.timed_seconds
+        rates = sorted(engine.step_rates)
+        metrics["images_per_sec_median"] = rates[len(rates) // 2]
     metrics["wall_s"] = time.perf_counter() - t0
     return metrics

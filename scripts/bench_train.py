@@ -11,7 +11,7 @@ pipeline from `--data`, MobileViT's multi-scale sampler (160..320, base 256 x `-
 fixed 256 x `--batch` sampler, with the time of one epoch-equivalent (the train split's images)
 projected from `--pipeline_steps` timed steps.
 
-Figures are images per second over the timed steps of `compress.training.train` (the first
+Figures are the median images/s over the timed steps of `compress.training.train` (the first
 step, which traces the graph, is not timed). The student defaults to the first registered
 student, or `vit_tiny_patch16` as a placeholder when no student family is registered yet.
 """
@@ -63,11 +63,11 @@ def part1(args, student_name: str) -> list[tuple]:
                                       input_size=args.teacher_size)
         ds = random_batches(args.size, args.batch, args.num_classes)
         m = run(student, lambda step: ds, args.steps, policy)
-        rows.append(("labels only", precision, args.size, "-", m["images_per_sec"]))
+        rows.append(("labels only", precision, args.size, "-", m["images_per_sec_median"]))
         d = Distiller(student, teacher, kind="soft", alpha=0.5, temperature=1.0)
         m = run(d, lambda step: ds, args.steps, policy)
         rows.append((f"soft KD, {args.teacher}", precision, args.size, args.teacher_size,
-                     m["images_per_sec"]))
+                     m["images_per_sec_median"]))
         print(f"  {precision}: labels only {rows[-2][-1]:.1f} img/s, distillation "
               f"{rows[-1][-1]:.1f} img/s", flush=True)
     set_mixed_precision(None)
@@ -96,7 +96,7 @@ def part2(args, student_name: str) -> list[tuple] | None:
         t0 = time.perf_counter()
         m = run(student, lambda step: ip.train_dataset(source, sampler, start_step=step),
                 args.pipeline_steps, None if precision == "fp32" else precision)
-        ips = m["images_per_sec"]
+        ips = m["images_per_sec_median"]
         rows.append((label, precision, str(sampler.pairs), ips, epoch_images / ips / 60,
                      time.perf_counter() - t0))
         print(f"  {label}: {ips:.1f} img/s", flush=True)

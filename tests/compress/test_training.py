@@ -214,3 +214,20 @@ def test_mixed_bfloat16(tmp_path):
         set_mixed_precision(None)
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
     assert student.trainable_variables[0].dtype == tf.float32  # variables stay float32
+
+
+def test_pruning_callback_reaches_sparsity_through_distiller(tmp_path):
+    """The prune stage passes `UpdatePruningStep`; it must find the wrapped layers inside the
+    Distiller's student, and the schedule must reach its target within the run."""
+    import tensorflow_model_optimization as tfmot
+
+    keras.backend.clear_session()
+    sched = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=6,
+                                                 frequency=2)
+    student = tfmot.sparsity.keras.prune_low_magnitude(tiny_convnet(), pruning_schedule=sched)
+    d = Distiller(student, tiny_convnet(name="teacher"), kind="hard", alpha=0.5)
+    train(d, make_train_ds, steps=8, workdir=str(tmp_path), lr=1e-3, weight_decay=0.0,
+          callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], checkpoint_every=4, verbose=False)
+    stripped = tfmot.sparsity.keras.strip_pruning(student)
+    kernel = stripped.get_layer("tiny_conv2").kernel.numpy()
+    np.testing.assert_allclose((kernel == 0).mean(), 0.5, atol=0.02)

@@ -1,0 +1,133 @@
+"""Subprocess worker for tests/compress/test_training.py (not a test module).
+
+  python tests/compress/train_worker.py resume WORKDIR STEPS CKPT_EVERY SLEEP_S OUT_JSON
+  python tests/compress/train_worker.py mirrored OUT_JSON
+
+`mirrored` must configure two logical CPU devices before TensorFlow initialises, which is why
+it runs in its own process.
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from models.compat import keras, tf  # noqa: E402
+
+
+def resume(workdir, steps, ckpt_every, sleep_s, out):
+    from train_helpers import make_train_ds, make_val_ds, tiny_convnet
+
+    from compress.training import train
+
+    starts = []
+
+    def factory(start_step):
+        starts.append(int(start_step))
+        return make_train_ds(start_step)
+
+    class Slow(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            time.sleep(sleep_s)
+
+    metrics = train(tiny_convnet(), factory, steps=steps, workdir=workdir, lr=1e-2,
+                    weight_decay=0.01, warmup_steps=3, val_ds=make_val_ds(),
+                    checkpoint_every=ckpt_every, eval_every=ckpt_every * 3,
+                    callbacks=[Slow()] if sleep_s else [], verbose=False)
+    metrics["data_starts"] = starts
+    with open(out, "w") as f:
+        json.dump(metrics, f)
+
+
+def mirrored(out):
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import numpy as np
+    from train_helpers import make_train_ds, make_val_ds, tiny_convnet, tiny_vit
+
+    from compress.distill import Distiller, distillation_loss
+    from compress.training import train
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        # No BN/dropout in the student: its training-mode logits do not depend on how the batch
+        # is split, so step 0 under the strategy must equal a one-device computation.
+        student = tiny_vit(name="student")
+        teacher = tiny_vit(input_size=48, name="teacher")
+        distiller = Distiller(student, teacher, kind="soft", alpha=0.5, temperature=2.0,
+                              label_smoothing=0.1)
+    x0, y0 = next(iter(make_train_ds(0)))
+    t0 = teacher(tf.image.resize(x0, (48, 48)), training=False)
+    total, lab, kd = distillation_loss(y0, student(x0, training=True), None, t0, kind="soft",
+                                       alpha=0.5, temperature=2.0, label_smoothing=0.1)
+    want_step0 = dict(step_loss=float(np.mean(total)), step_label_loss=float(np.mean(lab)),
+                      step_kd_loss=float(np.mean(kd)), images=int(x0.shape[0]))
+    val = make_val_ds()
+    want_val = float(np.mean(np.concatenate([
+        distillation_loss(y, student(x, training=False), kind="none", label_smoothing=0.1)[1]
+        for x, y in val])))
+
+    # One SGD step under the strategy (gradients summed over replicas by the optimizer) must
+    # equal one step on the mean loss of the whole batch on one device.
+    w0 = student.get_weights()
+    with strategy.scope():
+        s2 = tiny_vit(name="s2")
+        s2.set_weights(w0)
+        d2 = Distiller(s2, teacher, kind="soft", alpha=0.5, temperature=2.0, label_smoothing=0.1)
+        d2.compile(optimizer=keras.optimizers.SGD(0.5))
+    d2.train_on_batch(x0, y0)
+    ref = tiny_vit(name="ref")
+    ref.set_weights(w0)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(distillation_loss(y0, ref(x0, training=True), None, t0, kind="soft",
+                                                alpha=0.5, temperature=2.0,
+                                                label_smoothing=0.1)[0])
+    grads = tape.gradient(loss, ref.trainable_variables)
+    want_w = [(v - 0.5 * g).numpy() for v, g in zip(ref.trainable_variables, grads)]
+    sgd_step_max_diff = max(float(np.abs(a - b.numpy()).max())
+                            for a, b in zip(want_w, s2.trainable_variables))
+    sgd_step_max_change = max(float(np.abs(a - b).max())
+                              for a, b in zip(want_w, [v.numpy() for v in ref.trainable_variables]))
+
+    records = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            records.append({k: float(v) for k, v in logs.items()})
+
+    # val before training: evaluate() under the strategy must equal the single-device value
+    with strategy.scope():
+        distiller.compile(optimizer=keras.optimizers.SGD(0.0))
+    got_val = distiller.evaluate(val, verbose=0, return_dict=True)["loss"]
+    import tempfile
+
+    metrics = train(distiller, make_train_ds, steps=6, workdir=tempfile.mkdtemp(), lr=1e-3,
+                    weight_decay=0.01, val_ds=val, strategy=strategy, callbacks=[Record()],
+                    checkpoint_every=3, verbose=False)
+    # An odd global batch must be refused.
+    odd = tf.data.Dataset.from_tensors((x0[:3], y0[:3])).repeat()
+    try:
+        with strategy.scope():
+            s2 = tiny_convnet(name="odd")
+        train(s2, odd, steps=2, workdir=tempfile.mkdtemp(), lr=1e-3, weight_decay=0.0,
+              strategy=strategy, verbose=False)
+        odd_error = ""
+    except Exception as e:  # noqa: BLE001
+        odd_error = f"{type(e).__name__}: {e}"
+    with open(out, "w") as f:
+        json.dump(dict(metrics=metrics, records=records, want_val=want_val, got_val=got_val,
+                       want_step0=want_step0, sgd_step_max_diff=sgd_step_max_diff,
+                       sgd_step_max_change=sgd_step_max_change,
+                       replicas=strategy.num_replicas_in_sync, odd_error=odd_error[:2000]), f)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "resume":
+        resume(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
+    elif sys.argv[1] == "mirrored":
+        mirrored(sys.argv[2])
+    else:
+        raise SystemExit(f"unknown mode {sys.argv[1]}")

@@ -30,7 +30,8 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.seed = 0
-    c.mixed_precision = "mixed_bfloat16" if quick else ("float32" if smoke else "mixed_float16")
+    # teacher and distill stages only (pruning, QAT and export run in float32)
+    c.mixed_precision = "float32" if smoke else "mixed_bfloat16"
 
     c.data = dict(
         # Small real subset for smoke; 0 = everything.

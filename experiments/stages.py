@@ -50,8 +50,6 @@ class Run:
         self.num_classes = self.train_src.num_classes
         self.strategy = training.get_strategy(strategy)
         self.replicas = self.strategy.num_replicas_in_sync
-        if config.mixed_precision != "float32":
-            keras.mixed_precision.set_global_policy(config.mixed_precision)
 
     # ---------------------------------------------------------------------------------------
     def run_stage(self, name: str) -> None:
@@ -63,6 +61,12 @@ class Run:
             print(f"[{name}] done already, skipped")
             return
         print(f"[{name}] starting")
+        from compress import training
+
+        # Mixed precision speeds up the long float trainings; pruning wrappers, QAT fake-quant,
+        # export and measurement run in float32.
+        self.policy = self.cfg.mixed_precision if name in ("teacher", "distill") else "float32"
+        training.set_mixed_precision(self.policy)
         getattr(self, f"stage_{name}")(stage)
 
     def _require(self, name: str) -> StageDir:
@@ -126,8 +130,9 @@ class Run:
 
     def _optim_kwargs(self, section):
         return dict(steps=section.steps, lr=section.lr, weight_decay=section.weight_decay,
-                    warmup_steps=section.warmup_steps, min_lr_ratio=section.min_lr_ratio,
-                    label_smoothing=section.label_smoothing)
+                    warmup_steps=section.warmup_steps, min_lr=section.lr * section.min_lr_ratio,
+                    label_smoothing=section.label_smoothing,
+                    mixed_precision=self.policy)
 
     def _fit(self, stage: StageDir, model_fn, sampler, section, *, tb_name, eval_size,
              callbacks_fn=None):

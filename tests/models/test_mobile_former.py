@@ -523,9 +523,7 @@ def test_tflite_int8_full_integer_builtin(model_96m_224, imagenette_dir):
     assert out.shape == (2, 10) and np.isfinite(out).all()
 
 
-def test_tflite_26m_grouped_form_fp32_builtin():
-    keras.backend.clear_session()
-    model = models.create_model("mobile_former_26m", num_classes=10, input_size=224)
+def check_grouped_form(model, size):
     content = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     ops, tensors = tflite_ops(content)
     names = assert_builtin_only(ops, tensors)
@@ -534,5 +532,20 @@ def test_tflite_26m_grouped_form_fp32_builtin():
     for op in ops:
         if op["op_name"] == "CONV_2D":
             assert tensors[op["inputs"][1]]["shape"][-1] == tensors[op["inputs"][0]]["shape"][-1]
-    img = np.random.default_rng(0).random((1, 224, 224, 3), dtype="float32")
+    img = np.random.default_rng(0).random((1, size, size, 3), dtype="float32")
     np.testing.assert_allclose(run_tflite(content, img), model(img).numpy(), atol=1e-4)
+
+
+def test_tflite_tiny_grouped_model_fp32_builtin(rng):
+    """The 26M form (GroupSplit + per-group Conv2D + Concatenate, rank-4 shuffles) on a tiny
+    config with every block kind: a conversion of a few seconds for the fast tier."""
+    keras.backend.clear_session()
+    model = mf.build_mobile_former(num_classes=10, input_size=64, groups=4, **TINY)
+    randomize(model, rng)
+    check_grouped_form(model, 64)
+
+
+@pytest.mark.slow
+def test_tflite_26m_grouped_form_fp32_builtin():
+    keras.backend.clear_session()
+    check_grouped_form(models.create_model("mobile_former_26m", num_classes=10, input_size=224), 224)

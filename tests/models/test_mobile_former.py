@@ -389,9 +389,9 @@ def model_52m():
     return models.create_model("mobile_former_52m", num_classes=10)
 
 
-@pytest.mark.parametrize("size", [160, 224, 256])
-def test_any_multiple_of_32(model_52m, size):
-    out = model_52m(np.random.default_rng(size).random((2, size, size, 3), dtype="float32"))
+@pytest.mark.parametrize("hw", [(160, 160), (224, 224), (256, 256), (192, 256)])
+def test_any_multiple_of_32(model_52m, hw):
+    out = model_52m(np.random.default_rng(hw[0]).random((2, *hw, 3), dtype="float32"))
     assert out.shape == (2, 10) and np.isfinite(out.numpy()).all()
 
 
@@ -433,6 +433,16 @@ def test_save_and_reload_h5(tmp_path, rng):
     model.save(tmp_path / "m.h5")
     again = keras.models.load_model(tmp_path / "m.h5", custom_objects=models.layers.CUSTOM_OBJECTS)
     np.testing.assert_array_equal(again(img).numpy(), model(img).numpy())
+
+
+def test_clone_model_keeps_outputs(rng):
+    """`clone_model` (what pruning and QAT wrap through) rebuilds every custom layer."""
+    model = mf.build_mobile_former(num_classes=4, input_size=64, groups=4, **TINY)
+    randomize(model, rng)
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    img = rng.random((2, 64, 64, 3), dtype="float32")
+    np.testing.assert_array_equal(clone(img).numpy(), model(img).numpy())
 
 
 # --- TFLite -----------------------------------------------------------------------------------

@@ -257,11 +257,12 @@ def pointwise_conv_bn(x, filters: int, *, groups: int = 1, name: str):
     Concatenate (group i maps input channels [i*Cin/g, (i+1)*Cin/g) to outputs
     [i*F/g, (i+1)*F/g), as PyTorch's `groups=g`)."""
     if groups == 1:
-        x = keras.layers.Conv2D(filters, 1, use_bias=False, kernel_initializer=_conv_init(1, filters),
-                                name=name)(x)
+        x = keras.layers.Conv2D(filters, 1, use_bias=False, name=name,
+                                kernel_initializer=_conv_init(1, filters))(x)
     else:
         if x.shape[-1] % groups or filters % groups:
-            raise ValueError(f"{name}: {x.shape[-1]} -> {filters} channels not divisible by {groups}")
+            raise ValueError(
+                f"{name}: {x.shape[-1]} -> {filters} channels not divisible by {groups} groups")
         parts = GroupSplit(groups, name=f"{name}_split")(x)
         parts = [
             keras.layers.Conv2D(filters // groups, 1, use_bias=False, name=f"{name}_g{i}",

@@ -77,7 +77,8 @@ def conv_dw(x, k, stride):
     out = np.zeros((x.shape[0], c * m, h, w))
     for u in range(3):
         for v in range(3):
-            out += src[:, :, u:u + stride * h:stride, v:v + stride * w:stride] * wt[None, :, u, v, None, None]
+            tap = src[:, :, u:u + stride * h:stride, v:v + stride * w:stride]
+            out += tap * wt[None, :, u, v, None, None]
     return out
 
 
@@ -209,7 +210,8 @@ def randomize(model, rng):
         if not ws:
             continue
         if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
-            new = [1 + 0.2 * rng.standard_normal(ws[0].shape), 0.2 * rng.standard_normal(ws[1].shape)]
+            new = [1 + 0.2 * rng.standard_normal(ws[0].shape),
+                   0.2 * rng.standard_normal(ws[1].shape)]
             if len(ws) == 4:
                 new += [0.2 * rng.standard_normal(ws[2].shape), rng.uniform(0.5, 1.5, ws[3].shape)]
         elif isinstance(layer, keras.layers.DepthwiseConv2D):
@@ -221,7 +223,8 @@ def randomize(model, rng):
 
 
 def weights_by_name(model):
-    return {l.name: [w.astype("float64") for w in l.get_weights()] for l in model.layers if l.weights}
+    return {l.name: [w.astype("float64") for w in l.get_weights()]
+            for l in model.layers if l.weights}
 
 
 def piece_model(fn, feat_shape, tok_shape):
@@ -373,13 +376,19 @@ def test_configs_follow_the_reference_tables():
                for i in info.values())
     # 508M widths printed from the reference model (ARCHITECTURES.md §3.3)
     model = models.create_model("mobile_former_508m", input_size=224)
-    dw = lambda n: model.get_layer(n).output_shape[-1]  # noqa: E731
-    assert [dw("block2_conv1"), dw("block2_conv2"), dw("block2_conv3"), dw("block2_conv4")] == [144, 40, 160, 40]
+
+    def dw(name):
+        return model.get_layer(name).output_shape[-1]
+
+    assert [dw(f"block2_conv{j}") for j in (1, 2, 3, 4)] == [144, 40, 160, 40]
     assert [dw("block3_conv1"), dw("block3_conv3")] == [120, 40]
     assert [dw("block10_conv1"), dw("block10_conv2"), dw("block10_conv3")] == [1056, 240, 960]
     assert [dw("block12_conv1"), dw("block12_conv3")] == [1440, 240]
-    per_block = lambda p: sum(int(np.prod(w.shape)) for l in model.layers if l.name.startswith(p)  # noqa: E731
-                              for w in l.trainable_weights)
+
+    def per_block(prefix):
+        return sum(int(np.prod(w.shape)) for l in model.layers if l.name.startswith(prefix)
+                   for w in l.trainable_weights)
+
     assert per_block("block12_") == 1_466_016 and per_block("final_l2g_") == 139_296
 
 
@@ -459,8 +468,8 @@ def imagenette_images(root, n, size):
 def tflite_ops(content):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interp = Interpreter(model_content=content,
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    no_delegate = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interp = Interpreter(model_content=content, experimental_op_resolver_type=no_delegate)
     interp.allocate_tensors()
     tensors = {t["index"]: t for t in interp.get_tensor_details()}
     return interp._get_ops_details(), tensors
@@ -558,4 +567,5 @@ def test_tflite_tiny_grouped_model_fp32_builtin(rng):
 @pytest.mark.slow
 def test_tflite_26m_grouped_form_fp32_builtin():
     keras.backend.clear_session()
-    check_grouped_form(models.create_model("mobile_former_26m", num_classes=10, input_size=224), 224)
+    model = models.create_model("mobile_former_26m", num_classes=10, input_size=224)
+    check_grouped_form(model, 224)

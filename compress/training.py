@@ -136,7 +136,7 @@ def make_optimizer(variables, *, lr: float, weight_decay: float, steps: int,
                    warmup_steps: int = 0, min_lr: float = 0.0, warmup_init_lr: float | None = None,
                    clip_norm: float | None = None, beta_1: float = 0.9, beta_2: float = 0.999,
                    ) -> keras.optimizers.Optimizer:
-    """AdamW on a `WarmupCosine` schedule, built for `variables` (so checkpoints restore at once)."""
+    """AdamW on a `WarmupCosine` schedule, built for `variables` (checkpoints restore at once)."""
     schedule = WarmupCosine(lr, steps, warmup_steps, min_lr, warmup_init_lr)
     opt = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay,
                                  beta_1=beta_1, beta_2=beta_2, global_clipnorm=clip_norm)

@@ -14,7 +14,11 @@
     the last `log_every` steps), `train/learning_rate`, `train/images_per_sec`,
     `train/resolution` and `train/batch_size` (every step), `val/{top1,loss}` at each evaluation;
   * a tqdm progress bar with the running loss, accuracy, images/s and the current resolution;
-  * any `tf.distribute` strategy (`get_strategy`); models must be built under its scope.
+  * any `tf.distribute` strategy (`get_strategy`); models must be built under its scope, and
+    each global batch must split evenly over the replicas (checked in the input stream).
+    Tested: one device and MirroredStrategy (two logical CPUs). Not run here: multi-worker
+    (auto-sharding of the per-step batches is left to tf.data's defaults) and TPU (XLA needs
+    static shapes: a fixed-size sampler and `drop_remainder` batches).
 
 Why `fit` in chunks rather than a custom loop: Keras callbacks that the pruning and QAT stages
 pass (`UpdatePruningStep`, `PruningSummaries`) keep working unchanged, and `fit` already handles

@@ -136,7 +136,8 @@ class Distiller(keras.Model):
     train step also returns `step_loss`, `step_label_loss`, `step_kd_loss`, `step_accuracy`
     (means over this step's global batch), `images` (global batch) and `resolution`, for
     per-step logging; `distribute_reduction_method` is 'sum' so these add up across replicas.
-    `test_step` scores the student alone (average of its heads).
+    `test_step` scores the student alone (average of its heads): accuracy and the label loss
+    (with the same smoothing as in training, so the two losses compare).
     """
 
     def __init__(self, student: keras.Model, teacher: keras.Model | None = None, *,

@@ -14,7 +14,11 @@
     the last `log_every` steps), `train/learning_rate`, `train/images_per_sec`,
     `train/resolution` and `train/batch_size` (every step), `val/{top1,loss}` at each evaluation;
   * a tqdm progress bar with the running loss, accuracy, images/s and the current resolution;
-  * any `tf.distribute` strategy (`get_strategy`); models must be built under its scope.
+  * any `tf.distribute` strategy (`get_strategy`); models must be built under its scope, and
+    each global batch must split evenly over the replicas (checked in the input stream).
+    Tested: one device and MirroredStrategy (two logical CPUs). Not run here: multi-worker
+    (auto-sharding of the per-step batches is left to tf.data's defaults) and TPU (XLA needs
+    static shapes: a fixed-size sampler and `drop_remainder` batches).
 
 Why `fit` in chunks rather than a custom loop: Keras callbacks that the pruning and QAT stages
 pass (`UpdatePruningStep`, `PruningSummaries`) keep working unchanged, and `fit` already handles
@@ -136,7 +140,7 @@ def make_optimizer(variables, *, lr: float, weight_decay: float, steps: int,
                    warmup_steps: int = 0, min_lr: float = 0.0, warmup_init_lr: float | None = None,
                    clip_norm: float | None = None, beta_1: float = 0.9, beta_2: float = 0.999,
                    ) -> keras.optimizers.Optimizer:
-    """AdamW on a `WarmupCosine` schedule, built for `variables` (so checkpoints restore at once)."""
+    """AdamW on a `WarmupCosine` schedule, built for `variables` (checkpoints restore at once)."""
     schedule = WarmupCosine(lr, steps, warmup_steps, min_lr, warmup_init_lr)
     opt = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay,
                                  beta_1=beta_1, beta_2=beta_2, global_clipnorm=clip_norm)

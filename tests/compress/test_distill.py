@@ -22,7 +22,7 @@ def np_soft_kd(s, t, temp):
 
 @pytest.fixture
 def logits(rng):
-    return (rng.normal(0, 3, (6, 10)).astype("float32"), rng.normal(0, 3, (6, 10)).astype("float32"))
+    return tuple(rng.normal(0, 3, (6, 10)).astype("float32") for _ in range(2))
 
 
 def test_soft_kd_is_zero_when_student_equals_teacher(logits):

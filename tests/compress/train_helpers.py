@@ -32,8 +32,8 @@ def make_train_ds(start_step=0, *, num_classes=5, multiscale=True, fixed_size=32
         seed = tf.stack([tf.cast(step, tf.int32), 7])
         images = tf.random.stateless_uniform(tf.stack([b, size, size, 3]), seed)
         channel = tf.reduce_mean(images[..., 0], axis=[1, 2])
-        labels = tf.cast(tf.clip_by_value((channel - 0.49) * 2.0 * num_classes / 0.04 + num_classes / 2,
-                                          0, num_classes - 1), tf.int32)
+        score = (channel - 0.49) * 2.0 * num_classes / 0.04 + num_classes / 2
+        labels = tf.cast(tf.clip_by_value(score, 0, num_classes - 1), tf.int32)
         if soft:
             return images, tf.one_hot(labels, num_classes) * 0.8 + 0.2 / num_classes
         return images, labels

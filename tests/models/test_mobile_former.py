@@ -518,7 +518,8 @@ def test_tflite_fp32_builtin_and_matches_keras(model_96m_224, imagenette_dir):
     content = tf.lite.TFLiteConverter.from_keras_model(model_96m_224).convert()
     ops, tensors = tflite_ops(content)
     names = assert_builtin_only(ops, tensors)
-    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "SOFTMAX", "MAXIMUM"} <= names
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "SOFTMAX"} <= names
+    assert "MAXIMUM" not in names  # dynamic ReLU as MUL + fused RELU + ADD (int8 in XNNPACK)
     imgs = imagenette_images(imagenette_dir, 2, 224)
     diff = np.abs(run_tflite(content, imgs) - model_96m_224(imgs).numpy()).max()
     assert diff < 1e-4, diff
@@ -569,3 +570,22 @@ def test_tflite_26m_grouped_form_fp32_builtin():
     keras.backend.clear_session()
     model = models.create_model("mobile_former_26m", num_classes=10, input_size=224)
     check_grouped_form(model, 224)
+
+
+def test_xnnpack_friendly_int8_runs_in_one_partition(tmp_path, rng):
+    """The bridges feed feature maps straight into BATCH_MATMULs; making those inputs symmetric
+    must carry through the PADs of the next strided depthwise conv, or XNNPACK refuses the file."""
+    from compress.audit import audit_tflite
+    from compress.export import export_tflite
+
+    keras.backend.clear_session()
+    model = mf.build_mobile_former(num_classes=4, input_size=64, groups=1, **TINY)
+    randomize(model, rng)
+    path = tmp_path / "mf.int8.tflite"
+    meta = export_tflite(model, path, fmt="int8", input_size=64,
+                         representative=rng.random((8, 64, 64, 3)).astype("float32"))
+    audit = audit_tflite(str(path))
+    assert audit["runnable"]["xnnpack"], audit.get("errors")
+    assert meta["bmm_rhs_symmetric"] > 0 and "bmm_edit_refused" not in meta
+    assert audit["partitions"] == 1 and audit["undelegated_ops"] == {}
+    assert audit["float_heavy_ops"] == 0

@@ -599,7 +599,8 @@ def benchmark_files(
                 path, threads=t, delegate=d, warmup=warmup, runs=runs, min_secs=min_secs,
                 input_size=input_size, repeats=repeats,
             )  # fmt: skip
-            kw = {k: info[k] for k in ("model", "stage", "format", "params", "macs", "sparsity") if k in info}
+            kw = {k: info[k] for k in ("model", "stage", "format", "params", "macs", "sparsity",
+                                       "memory_traffic_bytes") if k in info}
             row = res.make_row(
                 path, lat, workdir=workdir, input_size=input_size or info.get("input_size"),
                 audit=audit, evaluation=evaluation, agreement=agree, machine=machine,

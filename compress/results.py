@@ -51,6 +51,7 @@ COLUMNS = (
 )
 # Conditions of the measurement, written after the contract's columns when rows have them.
 EXTRA_COLUMNS = (
+    "memory_traffic_bytes",  # static estimate: weights read once + activations written and read
     "latency_p99_ms",
     "latency_min_ms",
     "first_invoke_ms",
@@ -227,6 +228,7 @@ def make_row(
     sparsity: float | None = None,
     machine: dict | None = None,
     note: str = "",
+    memory_traffic_bytes: int | None = None,
 ) -> dict:
     """One results row from `measure_latency` (and optionally `audit_tflite`, `evaluate_tflite`).
 
@@ -278,6 +280,8 @@ def make_row(
     for k in EXTRA_COLUMNS:
         if k in latency:
             row[k] = latency[k]
+    if memory_traffic_bytes is not None:
+        row["memory_traffic_bytes"] = memory_traffic_bytes
     if machine:
         row["cpu"] = machine.get("cpu")
         row["host_figures"] = machine.get("host_figures")
@@ -374,13 +378,16 @@ def _md_value(v: Any, col: str) -> str:
         return f"{f / 1024:.1f} KiB"
     if col in ("params", "macs"):
         return f"{f / 1e6:.2f} M"
+    if col == "memory_traffic_bytes":
+        return f"{f / 2**20:.1f} MiB"
     return str(int(f)) if f.is_integer() else f"{f:g}"
 
 
 _TABLE = (
     "model", "stage", "format", "input_size", "threads", "delegate", "latency_p50_ms",
-    "latency_p90_ms", "top1", "agreement", "size_bytes", "gzip_bytes", "partitions",
-    "undelegated_ops", "flex_ops", "float_heavy_ops", "sparsity", "note",
+    "latency_p90_ms", "top1", "agreement", "size_bytes", "gzip_bytes", "macs",
+    "memory_traffic_bytes", "partitions", "undelegated_ops", "flex_ops", "float_heavy_ops",
+    "sparsity", "note",
 )  # fmt: skip
 
 

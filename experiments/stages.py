@@ -389,6 +389,7 @@ class Run:
             costs = stage_facts(meta["stage"])[1]
             return {"model": self.student, "stage": meta["stage"], "format": meta["format"],
                     "input_size": size, "params": costs["params"], "macs": costs["macs"],
+                    "memory_traffic_bytes": costs["memory_traffic_bytes"],
                     "sparsity": meta["audit"].get("sparsity")}
 
         threads = [t or os.cpu_count() for t in b.threads]

@@ -61,6 +61,7 @@ def test_results_csv_has_every_required_row_measured(smoke_run):
             r["latency_p50_ms"])
         assert 0.0 <= float(r["top1"]) <= 1.0 and 0.0 <= float(r["agreement"]) <= 1.0
         assert int(r["params"]) > 0 and int(r["macs"]) > 0
+        assert int(r["memory_traffic_bytes"]) > int(r["params"])  # weights alone are 4 B each
     by = {(r["stage"], r["format"]): r for r in rows if r["threads"] == "1"}
     # the fast int8 path: QAT and PTQ int8 graphs stay inside one XNNPACK partition, no float
     # convolutions / fully-connected / matmuls

@@ -103,12 +103,12 @@ class Run:
 
         return make
 
-    def _val_ds(self, size):
+    def _val_ds(self, size, limit=None):
         from experiments import input_pipeline
 
         return input_pipeline.eval_dataset(self.val_src, size=size,
                                            batch_size=self.cfg.eval_batch_size,
-                                           crop_pct=self.cfg.data.crop_pct)
+                                           crop_pct=self.cfg.data.crop_pct, limit=limit)
 
     # --------------------------------------------------------------------------- model helpers
     def build_student(self, input_size=None, *, training_heads=False):
@@ -366,9 +366,7 @@ class Run:
             for rel in manifest:
                 self._forget_results(rel)
         size = self.export_size
-        val = self._val_ds(size)
-        if b.val_limit:
-            val = val.unbatch().take(b.val_limit).batch(self.cfg.eval_batch_size)
+        val = self._val_ds(size, limit=b.val_limit or None)  # a class-balanced subset
         val = [(x.numpy(), y.numpy()) for x, y in val]  # scored once per file, same images
         per_stage = {}  # stage -> (Keras top-1 per image, static costs), computed once
 

@@ -9,16 +9,23 @@ representative set of random images, or real ones with `--calib_dir`), and each 
 with `compress.benchmark.measure_latency` for every thread count and delegate. Conversion uses
 `compress.export.export_tflite` when that module is present, else a plain TFLiteConverter.
 
+`--reference=kecam` also builds the same architectures from another Keras implementation,
+keras-cv-attention-models (`pip install keras-cv-attention-models==1.4.3`; MobileViT v1 and
+EfficientFormer v1, random weights), converts them the way its users would (the stock
+TFLiteConverter from a [1, s, s, 3] concrete function, `--reference_converter=stock`) or with our
+export (`ours`), and times them in the same run, so the two implementations sit side by side.
+
 Writes a JSON array (one object per file x threads x delegate) with the keys `model`, `format`,
 `input_size`, `threads`, `p50_ms`, `p90_ms`, `partitions`, `undelegated_ops` ({op: count}),
 `size_bytes`, plus `delegate`, `p99_ms`, `mean_ms`, `std_ms`, `first_invoke_ms`, `peak_rss_mb`,
 `gzip_bytes`, `runtime`, `runtime_version`, `flex_ops`, `float_heavy_ops`, `converter`,
-`convert_s`, `note`, `error`, `machine`. Figures from an x86 host are labelled host figures.
+`convert_s`, `implementation` (`ours` or the reference's name), `note`, `error`, `machine`. Figures from an x86 host are labelled host figures.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import sys
@@ -49,6 +56,53 @@ _CALIB_DIR = flags.DEFINE_string(
     "calib_dir", None, "Image folder (e.g. imagenette2-160/train) for int8 calibration; "
     "images are scaled to [-1, 1]. Default: random images in [-1, 1].")  # fmt: skip
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classes of the built models.")
+_REFERENCE = flags.DEFINE_list(
+    "reference", [], "Other Keras implementations to time beside ours, among: kecam "
+    "(keras-cv-attention-models 1.4.3). Models it lacks are skipped for it.")  # fmt: skip
+_REFERENCE_CONVERTER = flags.DEFINE_enum(
+    "reference_converter", "stock", ["stock", "ours"], "How reference models are converted: the "
+    "stock TFLiteConverter as their users would, or our compress.export.")  # fmt: skip
+
+# Other Keras implementations of our architectures: registered name -> "module.builder" inside
+# the package. kecam has no Mobile-Former and its ViTs differ in layout, so only these six.
+REFERENCES = {
+    "kecam": {
+        "package": "keras_cv_attention_models",
+        "pip": "keras-cv-attention-models==1.4.3",
+        "models": {
+            "mobilevit_xxs": "mobilevit.MobileViT_XXS",
+            "mobilevit_xs": "mobilevit.MobileViT_XS",
+            "mobilevit_s": "mobilevit.MobileViT_S",
+            "efficientformer_l1": "efficientformer.EfficientFormerL1",
+            "efficientformer_l3": "efficientformer.EfficientFormerL3",
+            "efficientformer_l7": "efficientformer.EfficientFormerL7",
+        },
+    },
+}
+
+
+def reference_builder(impl: str, name: str) -> Callable | None:
+    """`build(num_classes, input_size)` of `name` in the reference implementation `impl`, or None
+    when it lacks that model. ValueError for an unknown or uninstalled reference."""
+    if impl not in REFERENCES:
+        raise ValueError(f"--reference: unknown implementation {impl!r}; known: {', '.join(REFERENCES)}")
+    ref = REFERENCES[impl]
+    if name not in ref["models"]:
+        return None
+    import models.compat  # noqa: F401  (TF_USE_LEGACY_KERAS before the package imports Keras)
+
+    module, fn = ref["models"][name].rsplit(".", 1)
+    try:
+        mod = importlib.import_module(f"{ref['package']}.{module}")
+    except ImportError as e:
+        raise ValueError(f"--reference={impl}: not installed ({e}); pip install {ref['pip']}") from e
+
+    def build(num_classes: int, input_size: int):
+        return getattr(mod, fn)(
+            input_shape=(input_size, input_size, 3), num_classes=num_classes, pretrained=None
+        )
+
+    return build
 
 
 # --------------------------------------------------------------------------- conversion
@@ -106,15 +160,19 @@ def _plain_convert(
 
 
 def convert(
-    model, path: str, fmt: str, input_size: int, representative: list[np.ndarray] | None
+    model, path: str, fmt: str, input_size: int, representative: list[np.ndarray] | None,
+    *, stock: bool = False,
 ) -> dict:
-    """Write `model` as a .tflite file; returns {'converter', 'convert_s', ...export info}."""
+    """Write `model` as a .tflite file with our export (or the stock converter when `stock`);
+    returns {'converter', 'convert_s', ...export info}."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     try:
         from compress.export import export_tflite
     except ImportError:
+        export_tflite = None
+    if stock:
         export_tflite = None
     if export_tflite is not None:
         info = export_tflite(
@@ -183,11 +241,14 @@ def bench_models(
     calib_dir: str | None = None,
     num_classes: int = 1000,
     create: Callable | None = None,
+    references: Sequence[str] = (),
+    reference_converter: str = "stock",
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Convert and time every (model, format); one result dict per (file, threads, delegate)."""
+    """Convert and time every (model, format) of our implementation and of each reference
+    implementation that has the model; one result dict per (file, threads, delegate)."""
     import models
-    from compress.benchmark import file_sizes, machine_info, measure_latency
+    from compress.benchmark import machine_info
 
     check_names(names)
     bad = [f for f in formats if f not in FORMATS]
@@ -198,76 +259,104 @@ def bench_models(
         raise ValueError(f"--delegates: unknown {', '.join(bad)}; known: xnnpack, none")
     if not threads or any(int(t) < 1 for t in threads):
         raise ValueError(f"--threads: thread counts must be >= 1, got {list(threads)}")
+    if reference_converter not in ("stock", "ours"):
+        raise ValueError(f"--reference_converter: {reference_converter!r}; accepted: stock, ours")
     create = create or models.create_model
     machine = machine_info()
     os.makedirs(outdir, exist_ok=True)
     results = []
     for name in names:
         size = models.get_model_info(name).default_size
-        model = create(name, num_classes=num_classes, input_size=size)
+        builders = [("ours", lambda: create(name, num_classes=num_classes, input_size=size))]
+        for impl in references:
+            build = reference_builder(impl, name)
+            if build is None:
+                log(f"{impl} has no {name}; skipped for it")
+                continue
+            builders.append((impl, lambda build=build: build(num_classes, size)))
         rep = (
             representative_images(size, num_calib, calib_dir=calib_dir) if "int8" in formats else None
         )
-        for fmt in formats:
-            path = os.path.join(outdir, f"{name}.bench.{fmt}.tflite")
-            log(f"converting {name} {fmt} at {size}px -> {path}")
-            try:
-                conv = convert(model, path, fmt, size, rep if fmt == "int8" else None)
-            except Exception as e:
-                log(f"  conversion failed: {type(e).__name__}: {e}")
-                results.append(
-                    {"model": name, "format": fmt, "input_size": size, "threads": None,
-                     "p50_ms": None, "p90_ms": None, "partitions": None, "undelegated_ops": {},
-                     "size_bytes": None, "error": f"conversion: {type(e).__name__}: {e}"}
+        for impl, build in builders:
+            model = build()
+            stock = impl != "ours" and reference_converter == "stock"
+            results += _bench_one(
+                model, name, impl, size, formats, rep, stock=stock, outdir=outdir,
+                threads=threads, delegates=delegates, warmup=warmup, runs=runs,
+                min_secs=min_secs, repeats=repeats, machine=machine, log=log,
+            )  # fmt: skip
+            del model
+    return results
+
+
+def _bench_one(model, name, impl, size, formats, rep, *, stock, outdir, threads, delegates,
+               warmup, runs, min_secs, repeats, machine, log) -> list[dict]:
+    """Convert one built model to every format and time each file."""
+    from compress.benchmark import file_sizes, measure_latency
+
+    results = []
+    tag = "bench" if impl == "ours" else impl
+    for fmt in formats:
+        path = os.path.join(outdir, f"{name}.{tag}.{fmt}.tflite")
+        log(f"converting {impl} {name} {fmt} at {size}px -> {path}")
+        try:
+            conv = convert(model, path, fmt, size, rep if fmt == "int8" else None, stock=stock)
+        except Exception as e:
+            log(f"  conversion failed: {type(e).__name__}: {e}")
+            results.append(
+                {"model": name, "implementation": impl, "format": fmt, "input_size": size,
+                 "threads": None, "p50_ms": None, "p90_ms": None, "partitions": None,
+                 "undelegated_ops": {}, "size_bytes": None,
+                 "error": f"conversion: {type(e).__name__}: {e}"}
+            )  # fmt: skip
+            continue
+        sizes = file_sizes(path)
+        audit = _audit(path)
+        for delegate in delegates:
+            for t in threads:
+                lat = measure_latency(
+                    path, threads=int(t), delegate=delegate, warmup=warmup, runs=runs,
+                    min_secs=min_secs, input_size=size, repeats=repeats,
                 )  # fmt: skip
-                continue
-            sizes = file_sizes(path)
-            audit = _audit(path)
-            for delegate in delegates:
-                for t in threads:
-                    lat = measure_latency(
-                        path, threads=int(t), delegate=delegate, warmup=warmup, runs=runs,
-                        min_secs=min_secs, input_size=size, repeats=repeats,
-                    )  # fmt: skip
-                    results.append(
-                        {
-                            "model": name,
-                            "format": fmt,
-                            "input_size": size,
-                            "threads": int(t),
-                            "p50_ms": lat["latency_p50_ms"],
-                            "p90_ms": lat["latency_p90_ms"],
-                            "partitions": lat["partitions"],
-                            "undelegated_ops": lat["undelegated_ops"],
-                            "size_bytes": sizes["size_bytes"],
-                            "gzip_bytes": sizes["gzip_bytes"],
-                            "delegate": delegate,
-                            "measured_delegate": lat.get("measured_delegate"),
-                            "p99_ms": lat.get("latency_p99_ms"),
-                            "mean_ms": lat.get("latency_mean_ms"),
-                            "std_ms": lat.get("latency_std_ms"),
-                            "min_ms": lat.get("latency_min_ms"),
-                            "first_invoke_ms": lat.get("first_invoke_ms"),
-                            "runs": lat.get("runs"),
-                            "warmup": lat.get("warmup"),
-                            "repeats": lat.get("repeats", 1),
-                            "peak_rss_mb": lat.get("peak_rss_mb"),
-                            "runtime": lat.get("runtime"),
-                            "runtime_version": lat.get("runtime_version"),
-                            "op_counts": lat.get("op_counts"),
-                            "flex_ops": _count(audit.get("flex_ops")),
-                            "float_heavy_ops": _count(audit.get("float_heavy_ops")),
-                            "path": path,
-                            "converter": conv["converter"],
-                            "convert_s": round(conv["convert_s"], 2),
-                            "note": lat.get("note", ""),
-                            "error": lat.get("error"),
-                            "machine": machine,
-                        }
-                    )
-                    results[-1] = {k: _nan_to_none(v) for k, v in results[-1].items()}
-                    log(f"  threads={t} {delegate}: p50 {_fmt(lat['latency_p50_ms'])} ms")
-        del model
+                results.append(
+                    {
+                        "model": name,
+                        "implementation": impl,
+                        "format": fmt,
+                        "input_size": size,
+                        "threads": int(t),
+                        "p50_ms": lat["latency_p50_ms"],
+                        "p90_ms": lat["latency_p90_ms"],
+                        "partitions": lat["partitions"],
+                        "undelegated_ops": lat["undelegated_ops"],
+                        "size_bytes": sizes["size_bytes"],
+                        "gzip_bytes": sizes["gzip_bytes"],
+                        "delegate": delegate,
+                        "measured_delegate": lat.get("measured_delegate"),
+                        "p99_ms": lat.get("latency_p99_ms"),
+                        "mean_ms": lat.get("latency_mean_ms"),
+                        "std_ms": lat.get("latency_std_ms"),
+                        "min_ms": lat.get("latency_min_ms"),
+                        "first_invoke_ms": lat.get("first_invoke_ms"),
+                        "runs": lat.get("runs"),
+                        "warmup": lat.get("warmup"),
+                        "repeats": lat.get("repeats", 1),
+                        "peak_rss_mb": lat.get("peak_rss_mb"),
+                        "runtime": lat.get("runtime"),
+                        "runtime_version": lat.get("runtime_version"),
+                        "op_counts": lat.get("op_counts"),
+                        "flex_ops": _count(audit.get("flex_ops")),
+                        "float_heavy_ops": _count(audit.get("float_heavy_ops")),
+                        "path": path,
+                        "converter": conv["converter"],
+                        "convert_s": round(conv["convert_s"], 2),
+                        "note": lat.get("note", ""),
+                        "error": lat.get("error"),
+                        "machine": machine,
+                    }
+                )
+                results[-1] = {k: _nan_to_none(v) for k, v in results[-1].items()}
+                log(f"  threads={t} {delegate}: p50 {_fmt(lat['latency_p50_ms'])} ms")
     return results
 
 
@@ -281,13 +370,13 @@ def _fmt(v, spec=".2f") -> str:
 
 def format_table(results: Sequence[dict]) -> str:
     """A plain-text table of the results."""
-    head = ("model", "format", "size", "threads", "delegate", "p50_ms", "p90_ms", "KiB",
+    head = ("model", "impl", "format", "size", "threads", "delegate", "p50_ms", "p90_ms", "KiB",
             "partitions", "undelegated", "note")  # fmt: skip
     rows = []
     for r in results:
         und = r.get("undelegated_ops") or {}
         rows.append((
-            r["model"], r["format"], str(r["input_size"]), str(r.get("threads")),
+            r["model"], r.get("implementation", "ours"), r["format"], str(r["input_size"]), str(r.get("threads")),
             str(r.get("delegate", "")), _fmt(r.get("p50_ms")), _fmt(r.get("p90_ms")),
             _fmt(r["size_bytes"] / 1024 if r.get("size_bytes") else None, ".0f"),
             str(r.get("partitions")), str(sum(und.values())),
@@ -321,6 +410,8 @@ def main(argv: Sequence[str]) -> None:
             num_calib=_NUM_CALIB.value,
             calib_dir=_CALIB_DIR.value,
             num_classes=_NUM_CLASSES.value,
+            references=_REFERENCE.value,
+            reference_converter=_REFERENCE_CONVERTER.value,
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from e

@@ -435,3 +435,26 @@ def test_bench_tflite_cli_lists_known_models(tmp_path):
     assert proc.returncode != 0
     assert "no_such_net" in proc.stderr and "vit_tiny_patch16" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_tflite_times_a_reference_implementation_beside_ours(bench_script, tmp_path):
+    """--reference=kecam: the same architecture from keras-cv-attention-models, converted with the
+    stock converter, is timed in the same run; models it lacks are skipped for it."""
+    pytest.importorskip("keras_cv_attention_models")
+    logs = []
+    rows = bench_script.bench_models(
+        ["mobilevit_xxs", "mobile_former_26m"], formats=["fp32"], outdir=str(tmp_path),
+        warmup=1, runs=3, min_secs=0, num_classes=10, references=["kecam"], log=logs.append,
+    )  # fmt: skip
+    got = {(r["model"], r["implementation"]) for r in rows}
+    assert got == {("mobilevit_xxs", "ours"), ("mobilevit_xxs", "kecam"), ("mobile_former_26m", "ours")}
+    assert any("kecam has no mobile_former_26m" in line for line in logs)
+    ours, ref = (next(r for r in rows if r["model"] == "mobilevit_xxs" and r["implementation"] == i)
+                 for i in ("ours", "kecam"))  # fmt: skip
+    assert ref["converter"] == "TFLiteConverter" and ours["converter"] == "compress.export"
+    assert ref["path"] != ours["path"] and os.path.exists(ref["path"])
+    for r in (ours, ref):
+        assert r["error"] is None and r["p50_ms"] > 0 and r["partitions"] >= 1
+    assert "kecam" in bench_script.format_table(rows)
+    with pytest.raises(ValueError, match="--reference: unknown implementation 'nope'; known: kecam"):
+        bench_script.reference_builder("nope", "mobilevit_xxs")

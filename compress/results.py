@@ -344,12 +344,6 @@ def _plot(rows, x, y, xlabel, ylabel, title, out, with_workdir, logx=False) -> b
             ]
             if sel:
                 ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=m, s=30)
-        at: dict[tuple, list[str]] = {}  # files at the same point share one label
-        for px, py, label in pts:
-            at.setdefault((px, py), []).append(label)
-        for (px, py), labels in at.items():
-            ax.annotate(", ".join(labels), (px, py), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)  # fmt: skip
         ax.legend(fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, f"no rows with both {x} and {y}", ha="center", va="center",
@@ -361,9 +355,45 @@ def _plot(rows, x, y, xlabel, ylabel, title, out, with_workdir, logx=False) -> b
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
+    _label_points(fig, ax, pts)
     fig.savefig(out)
     plt.close(fig)
     return bool(pts)
+
+
+def _label_points(fig, ax, pts, near_px: float = 6.0, step_pt: float = 9.0) -> None:
+    """Labels scattered points without overlaps: points closer than `near_px` on screen share one
+    label, and a label that would overlap one already placed (or leave the plot on the right) goes
+    to the left of its point or moves down a line until it is free."""
+    renderer = fig.canvas.get_renderer()
+    groups: list[list] = []  # [x, y, screen_x, screen_y, labels]
+    for px, py, label in pts:
+        sx, sy = ax.transData.transform((px, py))
+        for g in groups:
+            if abs(g[2] - sx) < near_px and abs(g[3] - sy) < near_px:
+                g[4].append(label)
+                break
+        else:
+            groups.append([px, py, sx, sy, [label]])
+    placed = []
+    for px, py, _, _, labels in sorted(groups, key=lambda g: (-g[3], g[2])):
+        text = ", ".join(dict.fromkeys(labels))
+        right_edge = ax.get_window_extent(renderer).x1
+        for i in range(40):
+            for dx, ha in ((4, "left"), (-4, "right")):  # left of the point near the right edge
+                ann = ax.annotate(text, (px, py), textcoords="offset points", ha=ha,
+                                  xytext=(dx, 4 - i * step_pt), fontsize=7)  # fmt: skip
+                box = ann.get_window_extent(renderer)
+                if box.x1 <= right_edge and not any(box.overlaps(b) for b in placed):
+                    break
+                ann.remove()
+            else:
+                continue
+            break
+        else:  # no free spot: keep the first one
+            ann = ax.annotate(text, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            box = ann.get_window_extent(renderer)
+        placed.append(box)
 
 
 def _md_value(v: Any, col: str) -> str:

@@ -458,3 +458,30 @@ def test_bench_tflite_times_a_reference_implementation_beside_ours(bench_script,
     assert "kecam" in bench_script.format_table(rows)
     with pytest.raises(ValueError, match="--reference: unknown implementation 'nope'; known: kecam"):
         bench_script.reference_builder("nope", "mobilevit_xxs")
+
+
+def test_plot_labels_never_overlap_and_near_points_share_one():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(12.0, 0.735, "distill/fp32"), (12.05, 0.735, "distill/fp16"),  # one spot
+           (9.4, 0.737, "distill/drq"), (7.4, 0.734, "qat/int8"), (7.5, 0.7345, "prune/int8"),
+           (64.0, 0.715, "prune/int8_sparse")]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+    fig.tight_layout()
+    res._label_points(fig, ax, pts)
+    texts = [t for t in ax.texts]
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in texts]
+    right_edge = ax.get_window_extent(r).x1
+    plt.close(fig)
+    assert all(b.x1 <= right_edge for b in boxes)  # none runs off the plot
+    labels = [t.get_text() for t in texts]
+    assert "distill/fp32, distill/fp16" in labels  # same spot: one label
+    assert sorted(sum((lab.split(", ") for lab in labels), [])) == sorted(p[2] for p in pts)
+    for i in range(len(boxes)):
+        for j in range(i):
+            assert not boxes[i].overlaps(boxes[j]), (labels[i], labels[j])

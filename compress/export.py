@@ -30,7 +30,10 @@ falls apart into many partitions with int8 ops on the slow builtin kernels. Here
    `tf.lite.experimental.QuantizationDebugger` does) and quantized with
    `convert.mlir_quantize(..., denylisted_nodes=...)` (the debugger's
    `get_nondebug_quantized_model`), keeping in float: every op of a Keras LayerNormalization
-   (matched by layer name), and every op of a float-only type in XNNPACK int8;
+   (matched by layer name), every op of a float-only type in XNNPACK int8, and the layers whose
+   int8 kernel XNNPACK runs much slower than its float one (`slow_int8_layers`: a depthwise
+   convolution with a channel multiplier > 1, which int8 runs as a grouped convolution of tiny
+   groups; the audit counts these as float heavy ops);
 2. the right-hand input of every int8 BATCH_MATMUL (k for q·kᵀ, v for attn·v) gets zero point 0:
    XNNPACK rejects a non-zero RHS zero point, and the converter has no option for a symmetric
    activation, so the flatbuffer is edited in place (`symmetric_bmm=True`; the tensors joined to
@@ -84,6 +87,24 @@ _SAME_SCALE = {"RESHAPE": (0,), "TRANSPOSE": (0,), "SQUEEZE": (0,), "EXPAND_DIMS
                "STRIDED_SLICE": (0,), "SLICE": (0,), "GATHER": (0,), "SPLIT": (1,),
                "SPLIT_V": (0,), "UNPACK": (0,), "BROADCAST_TO": (0,), "PACK": None,
                "CONCATENATION": None}
+
+
+def slow_int8_layers(model) -> dict[str, str]:
+    """Layers kept float in the fast int8 file because XNNPACK's int8 kernel for them is much
+    slower than its float one here: {layer name: reason}.
+
+    Measured (mobile_former_52m, 224 px, 1 thread, this 2-core VM under load): its seven
+    depthwise convolutions with depth_multiplier 3-6 cost the int8 file 2.2 ms (6.6 -> 4.4 ms
+    with them float; fp32 3.4 ms). The 3-channel image stem is also slower in int8 (0.35 ms on
+    the same model: float has a dedicated first-layer kernel) but stays int8, so that the
+    convolutions of a QAT file are all int8.
+    """
+    out = {}
+    for layer in model.layers:
+        inner = getattr(layer, "layer", layer)
+        if isinstance(inner, keras.layers.DepthwiseConv2D) and inner.depth_multiplier > 1:
+            out[layer.name] = f"depthwise depth_multiplier={inner.depth_multiplier}"
+    return out
 
 
 def _is_qat(model) -> bool:
@@ -210,11 +231,12 @@ def _name_parts(name: str) -> list[str]:
     return [p for p in name.split(";") if p]
 
 
-def _initial_float_nodes(calibrated: bytes, ln_names: list[str], keep_bmm_float: bool,
+def _initial_float_nodes(calibrated: bytes, float_layers: list[str], keep_bmm_float: bool,
                          extra: Iterable[str] = ()) -> set[str]:
     """Output-tensor names of the ops to keep float (the names `mlir_quantize` denylists)."""
     f = TFLiteFile(calibrated)
-    ln_re = re.compile("|".join(rf"(^|/){re.escape(n)}/" for n in ln_names)) if ln_names else None
+    layer_re = (re.compile("|".join(rf"(^|/){re.escape(n)}/" for n in float_layers))
+                if float_layers else None)  # fmt: skip
     extra_re = re.compile("|".join(extra)) if extra else None
     types = set(FLOAT_ONLY_IN_XNNPACK_INT8) | ({"BATCH_MATMUL"} if keep_bmm_float else set())
     nodes = set()
@@ -222,7 +244,7 @@ def _initial_float_nodes(calibrated: bytes, ln_names: list[str], keep_bmm_float:
         names = [f.tensors[t].name for t in op.outputs]
         parts = [p for n in names for p in _name_parts(n)]
         if (op.type in types
-                or (ln_re is not None and any(ln_re.search(p) for p in parts))
+                or (layer_re is not None and any(layer_re.search(p) for p in parts))
                 or (extra_re is not None and any(extra_re.search(p) for p in parts))):
             nodes.update(names)
     return nodes
@@ -281,7 +303,7 @@ def symmetric_bmm_rhs(model_bytes: bytes) -> tuple[bytes, int]:
     return f.data_bytes(), len(groups)
 
 
-def _int8_xnnpack_friendly(conv, ln_names, *, symmetric_bmm: bool, max_passes: int,
+def _int8_xnnpack_friendly(conv, float_layers, *, symmetric_bmm: bool, max_passes: int,
                            extra_float: Iterable[str], info: dict) -> bytes:
     from tensorflow.lite.python import convert as tfl_convert
 
@@ -290,7 +312,7 @@ def _int8_xnnpack_friendly(conv, ln_names, *, symmetric_bmm: bool, max_passes: i
     conv.experimental_mlir_quantizer = True
     conv._experimental_calibrate_only = True
     calibrated = conv.convert()
-    float_nodes = _initial_float_nodes(calibrated, ln_names, not symmetric_bmm, extra_float)
+    float_nodes = _initial_float_nodes(calibrated, float_layers, not symmetric_bmm, extra_float)
     result, bmm = None, 0
     for i in range(max(1, max_passes)):
         quant = tfl_convert.mlir_quantize(
@@ -405,7 +427,9 @@ def export_tflite(
     conv = _configure(_converter(model, input_size), fmt, rep, strict_int8 and not friendly)
     if friendly:
         ln = _layer_names_of(model, keras.layers.LayerNormalization)
-        data = _int8_xnnpack_friendly(conv, ln, symmetric_bmm=symmetric_bmm,
+        slow = sorted(slow_int8_layers(model))
+        info["slow_int8_float_layers"] = len(slow)
+        data = _int8_xnnpack_friendly(conv, ln + slow, symmetric_bmm=symmetric_bmm,
                                       max_passes=max_passes, extra_float=extra_float_nodes,
                                       info=info)
     else:

@@ -358,3 +358,29 @@ def test_static_costs_count_token_dense_and_attention_matmuls():
     c = static_costs(model, 4)
     assert c["macs"] == 384 * 2 + 2048 * 2
     assert c["params"] == 48
+
+
+def test_depthwise_with_a_channel_multiplier_stays_float_in_fast_int8(tmp_path):
+    """XNNPACK's int8 depthwise conv with depth_multiplier > 1 is a grouped conv of tiny groups,
+    far slower than float: the fast int8 file keeps exactly that layer float; every other
+    convolution is int8 and the file is still one partition."""
+    inputs = keras.Input((S, S, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem_conv")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=3, name="dw_mult")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw_plain")(x)
+    x = keras.layers.Conv2D(16, 1, name="pw")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(CLASSES, name="head")(x))
+    assert export_mod.slow_int8_layers(model) == {"dw_mult": "depthwise depth_multiplier=3"}
+    rng = np.random.default_rng(0)
+    rep = [rng.uniform(0, 1, (1, S, S, 3)).astype("float32") for _ in range(8)]
+    path = tmp_path / "dw.int8.tflite"
+    info = export_tflite(model, path, fmt="int8", input_size=S, representative=rep)
+    assert info["slow_int8_float_layers"] == 1 and info["partitions"] == 1
+    f = TFLiteFile(path.read_bytes())
+    dw = [(op, f.tensors[op.outputs[0]]) for op in f.ops if op.type == "DEPTHWISE_CONV_2D"]
+    dtypes = {("dw_mult" in t.name): t.dtype for _, t in dw}
+    assert dtypes == {True: "FLOAT32", False: "INT8"}
+    assert {f.tensors[op.outputs[0]].dtype for op in f.ops if op.type == "CONV_2D"} == {"INT8"}
+    x = rng.uniform(0, 1, (4, S, S, 3)).astype("float32")
+    assert parity(model, path, x)["max_abs_diff"] < 0.5  # quantized, but the same function

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 

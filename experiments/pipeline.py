@@ -71,7 +71,6 @@ def _fail(message: str):
 def validate_flags() -> None:
     """Refuse bad names and values up front, naming the flag and what is accepted."""
     import models
-    from experiments.configs import PRESETS  # noqa: F401
 
     unknown = [s for s in FLAGS.stages if s not in STAGES]
     if unknown:

@@ -21,7 +21,7 @@ from absl import logging
 
 import models
 from experiments.workdir import StageDir, read_json, write_json
-from models.compat import keras, tf
+from models.compat import keras
 
 EXPORT_STAGES = ("distill", "prune", "qat")
 
@@ -121,12 +121,7 @@ class Run:
                                    input_size=input_size, **kwargs)
 
     def load_teacher(self):
-        stage = self._require("teacher")
-        spec = stage.model_json()
-        teacher = models.create_model(spec["name"], num_classes=spec["num_classes"])
-        teacher.load_weights(str(stage.weights))
-        teacher.trainable = False
-        return teacher, spec.get("input_size", models.get_model_info(spec["name"]).default_size)
+        return self.load_teacher_from(self._require("teacher"))
 
     def _optim_kwargs(self, section):
         return dict(steps=section.steps, lr=section.lr, weight_decay=section.weight_decay,
@@ -188,11 +183,12 @@ class Run:
         stage.finish(metrics)
 
     def load_teacher_from(self, stage):
+        """The frozen teacher saved in `stage` and the input size it was trained at."""
         spec = stage.model_json()
         teacher = models.create_model(spec["name"], num_classes=spec["num_classes"])
         teacher.load_weights(str(stage.weights))
         teacher.trainable = False
-        return teacher, spec.get("input_size", 224)
+        return teacher, spec.get("input_size", models.get_model_info(spec["name"]).default_size)
 
     @staticmethod
     def _teacher_name_for_npz(path):

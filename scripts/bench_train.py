@@ -160,7 +160,7 @@ def main(argv=None):
           flush=True)
 
     rows = part1(args, student)
-    print(f"\n| step | precision | student px | teacher px | img/s |\n|---|---|---|---|---|")
+    print("\n| step | precision | student px | teacher px | img/s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} |")
 

@@ -57,6 +57,7 @@ SPLIT_V (which XNNPACK does not take, even in float) is not emitted by the proje
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import os
 import re
@@ -105,6 +106,21 @@ def slow_int8_layers(model) -> dict[str, str]:
         if isinstance(inner, keras.layers.DepthwiseConv2D) and inner.depth_multiplier > 1:
             out[layer.name] = f"depthwise depth_multiplier={inner.depth_multiplier}"
     return out
+
+
+def _layers_matching(model, globs: Iterable[str]) -> list[str]:
+    """Names of the layers matching any glob (tfmot's `quant_` prefix ignored); ValueError for a
+    glob that matches none."""
+    names = [layer.name for layer in model.layers]
+    out = set()
+    for g in globs:
+        hit = [n for n in names if fnmatch.fnmatchcase(n, g)
+               or fnmatch.fnmatchcase(n.removeprefix("quant_"), g)]  # fmt: skip
+        if not hit:
+            raise ValueError(f"float_layers: {g!r} matches no layer of {model.name} "
+                             f"(layers: {', '.join(names[:6])}, ...)")  # fmt: skip
+        out.update(hit)
+    return sorted(out)
 
 
 def _is_qat(model) -> bool:
@@ -381,6 +397,7 @@ def export_tflite(
     symmetric_bmm: bool = True,
     max_passes: int = 3,
     extra_float_nodes: Iterable[str] = (),
+    float_layers: Iterable[str] = (),
     strict_int8: bool = False,
 ) -> dict:
     """Converts `model` to a .tflite file of format `fmt` at input [1, input_size, input_size, 3].
@@ -404,13 +421,16 @@ def export_tflite(
         ops to float.
       extra_float_nodes: with `xnnpack_friendly`: regular expressions; ops whose output-tensor
         name matches one are also kept float.
+      float_layers: with `xnnpack_friendly`: layer-name globs (e.g. "block1_*"); the ops of the
+        matching layers are also kept float (for layers that int8 does not speed up).
       strict_int8: plain int8 only: `TFLITE_BUILTINS_INT8` (fail on an op without an int8
         kernel) instead of allowing a float fallback.
     Returns: dict(path, fmt, input_size, size_bytes, gzip_bytes, convert_s, qat,
       xnnpack_friendly, and for the fast int8 path: passes, float_nodes, bmm_rhs_symmetric,
       partitions).
     Raises:
-      ValueError: unknown `fmt`, or a format that needs a representative set without one.
+      ValueError: unknown `fmt`, a format that needs a representative set without one, or a
+        `float_layers` glob that matches no layer.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
@@ -429,7 +449,8 @@ def export_tflite(
         ln = _layer_names_of(model, keras.layers.LayerNormalization)
         slow = sorted(slow_int8_layers(model))
         info["slow_int8_float_layers"] = len(slow)
-        data = _int8_xnnpack_friendly(conv, ln + slow, symmetric_bmm=symmetric_bmm,
+        chosen = _layers_matching(model, float_layers)
+        data = _int8_xnnpack_friendly(conv, ln + slow + chosen, symmetric_bmm=symmetric_bmm,
                                       max_passes=max_passes, extra_float=extra_float_nodes,
                                       info=info)
     else:

@@ -92,6 +92,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         size=64 if smoke else 0,  # 0: the student's default size
         representative_images=8 if smoke else 200,
         xnnpack_friendly=True,
+        float_layers=(),  # layer-name globs kept float in the fast int8 files (e.g. "block1_*")
         formats=dict(distill=("fp32", "fp16", "drq", "int8"),
                      prune=("fp32", "int8", "fp32_sparse", "int8_sparse"),
                      qat=("int8",)),

@@ -99,6 +99,14 @@ def validate_flags() -> None:
     if not 0 <= c.prune.target_sparsity < 1:
         _fail(f"--config.prune.target_sparsity must be in [0, 1), got "
                              f"{c.prune.target_sparsity}")
+    if c.export.float_layers:  # globs of student layer names: check them before any training
+        from compress.export import _layers_matching
+
+        try:
+            _layers_matching(models.create_model(FLAGS.student, num_classes=10),
+                             c.export.float_layers)
+        except ValueError as e:
+            _fail(f"--config.export.{e}")
 
 
 def main(argv):

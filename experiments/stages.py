@@ -334,7 +334,8 @@ class Run:
                 if rel in manifest and (self.workdir / rel).exists():
                     continue
                 meta = export_tflite(model, str(self.workdir / rel), fmt=fmt, input_size=size,
-                                     representative=rep, xnnpack_friendly=e.xnnpack_friendly)
+                                     representative=rep, xnnpack_friendly=e.xnnpack_friendly,
+                                     float_layers=e.float_layers)
                 self._forget_results(rel)  # rows measured on an older file of that name
                 manifest[rel] = {"stage": stage_name, "format": fmt, "input_size": size,
                                  **meta, "audit": audit_tflite(str(self.workdir / rel))}

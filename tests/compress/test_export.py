@@ -384,3 +384,19 @@ def test_depthwise_with_a_channel_multiplier_stays_float_in_fast_int8(tmp_path):
     assert {f.tensors[op.outputs[0]].dtype for op in f.ops if op.type == "CONV_2D"} == {"INT8"}
     x = rng.uniform(0, 1, (4, S, S, 3)).astype("float32")
     assert parity(model, path, x)["max_abs_diff"] < 0.5  # quantized, but the same function
+
+
+def test_float_layers_globs_keep_chosen_layers_float(trained, tmp_path):
+    model, rep = trained["model"], trained["calib"][:8]
+    path = tmp_path / "chosen.int8.tflite"
+    export_tflite(model, path, fmt="int8", input_size=S, representative=rep,
+                  float_layers=["block0_mlp_fc*"])  # fmt: skip
+    f = TFLiteFile(path.read_bytes())
+    fc = {f.tensors[op.outputs[0]].name: f.tensors[op.outputs[0]].dtype
+          for op in f.ops if op.type == "FULLY_CONNECTED"}  # fmt: skip
+    chosen = {n: d for n, d in fc.items() if "mlp_fc" in n}
+    assert len(chosen) == 2 and set(chosen.values()) == {"FLOAT32"}
+    assert {d for n, d in fc.items() if n not in chosen} == {"INT8"}
+    with pytest.raises(ValueError, match="float_layers: 'nothing_\\*' matches no layer"):
+        export_tflite(model, tmp_path / "x.tflite", fmt="int8", input_size=S,
+                      representative=rep, float_layers=["nothing_*"])  # fmt: skip

@@ -26,6 +26,8 @@ def run(*args):
     ("--config.distill.steps=abc", "--config.distill.steps=abc: invalid literal for int"),
     ("--config.distill.kind=medium", "--config.distill.kind: 'medium' is not accepted; accepted"),
     ("--config.prune.target_sparsity=1.5", r"target_sparsity must be in \[0, 1\)"),
+    ("--config.export.float_layers=('stage9_*',)",
+     r"--config.export.float_layers: 'stage9_\*' matches no layer of mobilevit_xxs"),
     ("--bogus=1", "Unknown command line flag 'bogus'"),
 ])
 def test_bad_flag_is_refused_with_accepted_values(override, expected):

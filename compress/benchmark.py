@@ -17,6 +17,17 @@ PyPI wheel. Differences from `benchmark_model`:
 Numbers measured on an x86 host are labelled `host_figures=True`: XNNPACK's x86 int8 kernels and
 fp16 (which runs as fp32 on x86) do not predict phone latency.
 
+AMX. On an Intel CPU with AMX-INT8 (Sapphire Rapids and later; `amx_int8` in /proc/cpuinfo),
+XNNPACK runs every int8 convolution and fully-connected op on AMX tiles (16x64 output tiles),
+which is slower than its AVX512-VNNI kernels for the small channel counts of mobile models:
+measured here, one thread, a 3x3 s2 3->16 stem at 256 px 0.65 ms with AMX vs 0.14 ms without, a
+1x1 16->32 conv at 128x128 0.27 vs 0.11 ms, and mobilevit_xxs int8 7.6 vs 6.9 ms (loaded VM).
+XNNPACK has no switch for this, but it only uses AMX after the kernel grants the process
+permission (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); `measure_latency(..., deny_amx=True)` installs a
+seccomp filter in the child that refuses that one request, so XNNPACK falls back to AVX512-VNNI,
+the int8 path of CPUs without AMX (the AMD EPYC of the issues). Results say `amx`: `absent` (no
+AMX on the CPU), `available` (XNNPACK may use it) or `denied`.
+
 Command line (one measurement, JSON on stdout):
 
     python -m compress.benchmark FILE.tflite --threads=1 [--delegate=none] [--runs=50]
@@ -154,10 +165,66 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def cpu_has_amx() -> bool:
+    """True when /proc/cpuinfo lists AMX-INT8 (XNNPACK's AMX int8 kernels can run)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def _deny_amx() -> None:
+    """Make this process's `arch_prctl(ARCH_REQ_XCOMP_PERM, ...)` fail with EPERM (seccomp), so
+    that no library in it can enable AMX tiles; everything else is allowed. Linux x86-64 only."""
+    import ctypes
+    import struct
+
+    def insn(code, jt, jf, k):  # struct sock_filter
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET
+    prog = b"".join([
+        insn(ld_abs, 0, 0, 4), insn(jeq, 0, 5, 0xC000003E),  # seccomp_data.arch == x86_64
+        insn(ld_abs, 0, 0, 0), insn(jeq, 0, 3, 158),         # .nr == SYS_arch_prctl
+        insn(ld_abs, 0, 0, 16), insn(jeq, 0, 1, 0x1023),     # .args[0] == ARCH_REQ_XCOMP_PERM
+        insn(ret, 0, 0, 0x00050000 | 1),                     # SECCOMP_RET_ERRNO | EPERM
+        insn(ret, 0, 0, 0x7FFF0000),                         # SECCOMP_RET_ALLOW
+    ])  # fmt: skip
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, needed without CAP_SYS_ADMIN
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, MODE_FILTER
+        raise OSError(ctypes.get_errno(), "seccomp filter refused")
+
+
+def _amx_permission() -> bool:
+    """Ask for AMX tile permission the way XNNPACK does; True when granted."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18, 0) == 0  # arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)
+
+
 def _child_measure(
-    path: str, threads: int, delegate: str, warmup: int, runs: int, min_secs: float, input_size
+    path: str, threads: int, delegate: str, warmup: int, runs: int, min_secs: float, input_size,
+    deny_amx: bool = False,
 ) -> dict:
     """The measurement itself; runs inside the fresh child process."""
+    amx = "absent"
+    if cpu_has_amx() and platform.machine() == "x86_64" and sys.platform == "linux":
+        if deny_amx:
+            _deny_amx()  # before ai_edge_litert (XNNPACK) is loaded
+        amx = "available" if _amx_permission() else "denied"
     import ai_edge_litert
 
     rss_before = _peak_rss_mb()
@@ -206,6 +273,7 @@ def _child_measure(
         "peak_rss_mb": _peak_rss_mb(),
         "rss_before_mb": rss_before,
         "pid": os.getpid(),
+        "amx": amx,
     }
 
 
@@ -240,6 +308,7 @@ def measure_latency(
     timeout: float = 900.0,
     fallback: bool = True,
     repeats: int = 1,
+    deny_amx: bool = False,
 ) -> dict:
     """Time `invoke()` of a .tflite file in a fresh process. Never raises for a file that fails.
 
@@ -257,11 +326,13 @@ def measure_latency(
         without the default delegates and say so in `note`.
       repeats: fresh processes per measurement; the latency figures are then the medians over
         processes (`latency_p50_ms_repeats` lists each process's p50, `pids` their ids).
+      deny_amx: refuse AMX to the child (module doc), so XNNPACK's int8 runs on AVX512-VNNI.
 
     Returns:
       A dict with latency_p50_ms, latency_p90_ms, latency_p99_ms, latency_mean_ms, latency_std_ms,
       latency_min_ms, first_invoke_ms, init_ms, runs, warmup, peak_rss_mb, runtime,
       runtime_version, partitions, undelegated_ops ({op: count}), op_counts, pid (the child's),
+      amx ('absent', 'available' or 'denied'),
       `delegate` (what was asked), `measured_delegate` (what ran), `error` (None or the failure
       of the requested interpreter) and `note`. Latencies are NaN when nothing could run the file.
     """
@@ -276,6 +347,7 @@ def measure_latency(
         runs=int(runs),
         min_secs=float(min_secs),
         input_size=input_size,
+        deny_amx=bool(deny_amx),
     )
     result = _run_child({**args, "delegate": delegate}, timeout)
     if "error" not in result:
@@ -312,6 +384,7 @@ def measure_latency(
         "peak_rss_mb": nan,
         "partitions": None,
         "undelegated_ops": {},
+        "amx": None,
         "error": error,
         "note": f"no runtime could run the file: {_short(error)}",
     }
@@ -509,6 +582,7 @@ def machine_info() -> dict:
         "cores": os.cpu_count(),
         "usable_cores": usable,
         "system": f"{platform.system()} {platform.release()}",
+        "amx_int8": cpu_has_amx(),
         "python": platform.python_version(),
         "packages": versions,
         "host_figures": True,
@@ -539,6 +613,7 @@ def benchmark_files(
     eval_threads: int = 2,
     eval_limit: int | None = None,
     resume: bool = True,
+    deny_amx: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Measure TFLite files of a workdir and write `<workdir>/results.csv` row by row.
@@ -554,6 +629,7 @@ def benchmark_files(
       file_info: path -> extra columns of the file (`params`, `macs`, `sparsity`, `model`,
         `stage`, `format`, `note`, ...).
       resume: skip (path, threads, delegate) rows already in results.csv.
+      deny_amx: time every file with AMX refused to XNNPACK (`measure_latency`; column `amx`).
 
     Returns:
       The rows written in this call.
@@ -597,7 +673,7 @@ def benchmark_files(
         for t, d in todo:
             lat = measure_latency(
                 path, threads=t, delegate=d, warmup=warmup, runs=runs, min_secs=min_secs,
-                input_size=input_size, repeats=repeats,
+                input_size=input_size, repeats=repeats, deny_amx=deny_amx,
             )  # fmt: skip
             kw = {k: info[k] for k in ("model", "stage", "format", "params", "macs", "sparsity",
                                        "memory_traffic_bytes") if k in info}
@@ -635,6 +711,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--min_secs", type=float, default=1.0)
     p.add_argument("--input_size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--deny_amx", action="store_true", help="refuse AMX to XNNPACK (module doc)")
     a = p.parse_args(argv)
     r = measure_latency(
         a.path,
@@ -645,6 +722,7 @@ def _main(argv: list[str]) -> int:
         min_secs=a.min_secs,
         input_size=a.input_size,
         repeats=a.repeats,
+        deny_amx=a.deny_amx,
     )
     print(json.dumps({**r, "machine": machine_info()}, indent=2, default=str))
     return 0 if r["error"] is None or r["measured_delegate"] else 1

@@ -61,6 +61,7 @@ EXTRA_COLUMNS = (
     "runs",
     "repeats",
     "measured_delegate",
+    "amx",  # absent | available | denied (compress.benchmark: XNNPACK's AMX int8 kernels)
     "cpu",
     "host_figures",
 )

@@ -103,6 +103,9 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         warmup=3 if smoke else 10,
         runs=10 if smoke else 100,
         val_limit=50 if smoke else 0,  # images scored per file; 0 = the whole val split
+        # Refuse AMX to XNNPACK when timing (Intel AMX CPUs only; compress/benchmark.py): its
+        # AMX int8 kernels are slower than AVX512-VNNI on small mobile layers.
+        deny_amx=False,
     )
     c.eval_batch_size = 32 if smoke else 64
     return c

@@ -391,7 +391,7 @@ class Run:
         benchmark.benchmark_files(
             str(self.workdir), [str(self.workdir / r) for r in sorted(manifest)],
             threads=threads, delegates=list(b.delegates), warmup=b.warmup, runs=b.runs,
-            input_size=size, dataset=val, file_info=file_info,
+            input_size=size, dataset=val, file_info=file_info, deny_amx=b.deny_amx,
             reference_predictions=lambda path: stage_facts(manifest[rel(path)]["stage"])[0])
         stage.finish({"files": len(manifest)})
 

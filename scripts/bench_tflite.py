@@ -19,13 +19,15 @@ Writes a JSON array (one object per file x threads x delegate) with the keys `mo
 `input_size`, `threads`, `p50_ms`, `p90_ms`, `partitions`, `undelegated_ops` ({op: count}),
 `size_bytes`, plus `delegate`, `p99_ms`, `mean_ms`, `std_ms`, `first_invoke_ms`, `peak_rss_mb`,
 `gzip_bytes`, `runtime`, `runtime_version`, `flex_ops`, `float_heavy_ops`, `converter`,
-`convert_s`, `implementation` (`ours` or the reference's name), `note`, `error`, `machine`. Figures from an x86 host are labelled host figures.
+`convert_s`, `implementation` (`ours` or the reference's name), `amx` (`absent`,
+`available` or `denied`, `--amx=allow,deny`), `note`, `error`, `machine`. Figures from an x86 host are labelled host figures.
 """
 
 from __future__ import annotations
 
 import glob
 import importlib
+import itertools
 import json
 import os
 import sys
@@ -56,6 +58,10 @@ _CALIB_DIR = flags.DEFINE_string(
     "calib_dir", None, "Image folder (e.g. imagenette2-160/train) for int8 calibration; "
     "images are scaled to [-1, 1]. Default: random images in [-1, 1].")  # fmt: skip
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classes of the built models.")
+_AMX = flags.DEFINE_list(
+    "amx", ["allow"], "allow and/or deny: time with XNNPACK free to use Intel AMX int8 kernels "
+    "(the default interpreter) and/or with AMX refused to it (AVX512-VNNI, as on CPUs without "
+    "AMX); see compress/benchmark.py. Only matters on CPUs with amx_int8.")  # fmt: skip
 _REFERENCE = flags.DEFINE_list(
     "reference", [], "Other Keras implementations to time beside ours, among: kecam "
     "(keras-cv-attention-models 1.4.3). Models it lacks are skipped for it.")  # fmt: skip
@@ -243,6 +249,7 @@ def bench_models(
     create: Callable | None = None,
     references: Sequence[str] = (),
     reference_converter: str = "stock",
+    amx: Sequence[str] = ("allow",),
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Convert and time every (model, format) of our implementation and of each reference
@@ -259,6 +266,9 @@ def bench_models(
         raise ValueError(f"--delegates: unknown {', '.join(bad)}; known: xnnpack, none")
     if not threads or any(int(t) < 1 for t in threads):
         raise ValueError(f"--threads: thread counts must be >= 1, got {list(threads)}")
+    bad = [a for a in amx if a not in ("allow", "deny")]
+    if bad or not amx:
+        raise ValueError(f"--amx: {', '.join(bad) or 'empty'}; accepted: allow, deny")
     if reference_converter not in ("stock", "ours"):
         raise ValueError(f"--reference_converter: {reference_converter!r}; accepted: stock, ours")
     create = create or models.create_model
@@ -283,14 +293,14 @@ def bench_models(
             results += _bench_one(
                 model, name, impl, size, formats, rep, stock=stock, outdir=outdir,
                 threads=threads, delegates=delegates, warmup=warmup, runs=runs,
-                min_secs=min_secs, repeats=repeats, machine=machine, log=log,
+                min_secs=min_secs, repeats=repeats, machine=machine, amx=amx, log=log,
             )  # fmt: skip
             del model
     return results
 
 
 def _bench_one(model, name, impl, size, formats, rep, *, stock, outdir, threads, delegates,
-               warmup, runs, min_secs, repeats, machine, log) -> list[dict]:
+               warmup, runs, min_secs, repeats, machine, amx, log) -> list[dict]:
     """Convert one built model to every format and time each file."""
     from compress.benchmark import file_sizes, measure_latency
 
@@ -312,51 +322,53 @@ def _bench_one(model, name, impl, size, formats, rep, *, stock, outdir, threads,
             continue
         sizes = file_sizes(path)
         audit = _audit(path)
-        for delegate in delegates:
-            for t in threads:
-                lat = measure_latency(
-                    path, threads=int(t), delegate=delegate, warmup=warmup, runs=runs,
-                    min_secs=min_secs, input_size=size, repeats=repeats,
-                )  # fmt: skip
-                results.append(
-                    {
-                        "model": name,
-                        "implementation": impl,
-                        "format": fmt,
-                        "input_size": size,
-                        "threads": int(t),
-                        "p50_ms": lat["latency_p50_ms"],
-                        "p90_ms": lat["latency_p90_ms"],
-                        "partitions": lat["partitions"],
-                        "undelegated_ops": lat["undelegated_ops"],
-                        "size_bytes": sizes["size_bytes"],
-                        "gzip_bytes": sizes["gzip_bytes"],
-                        "delegate": delegate,
-                        "measured_delegate": lat.get("measured_delegate"),
-                        "p99_ms": lat.get("latency_p99_ms"),
-                        "mean_ms": lat.get("latency_mean_ms"),
-                        "std_ms": lat.get("latency_std_ms"),
-                        "min_ms": lat.get("latency_min_ms"),
-                        "first_invoke_ms": lat.get("first_invoke_ms"),
-                        "runs": lat.get("runs"),
-                        "warmup": lat.get("warmup"),
-                        "repeats": lat.get("repeats", 1),
-                        "peak_rss_mb": lat.get("peak_rss_mb"),
-                        "runtime": lat.get("runtime"),
-                        "runtime_version": lat.get("runtime_version"),
-                        "op_counts": lat.get("op_counts"),
-                        "flex_ops": _count(audit.get("flex_ops")),
-                        "float_heavy_ops": _count(audit.get("float_heavy_ops")),
-                        "path": path,
-                        "converter": conv["converter"],
-                        "convert_s": round(conv["convert_s"], 2),
-                        "note": lat.get("note", ""),
-                        "error": lat.get("error"),
-                        "machine": machine,
-                    }
-                )
-                results[-1] = {k: _nan_to_none(v) for k, v in results[-1].items()}
-                log(f"  threads={t} {delegate}: p50 {_fmt(lat['latency_p50_ms'])} ms")
+        for delegate, t, amx_mode in itertools.product(delegates, threads, amx):
+            lat = measure_latency(
+                path, threads=int(t), delegate=delegate, warmup=warmup, runs=runs,
+                min_secs=min_secs, input_size=size, repeats=repeats,
+                deny_amx=amx_mode == "deny",
+            )  # fmt: skip
+            results.append(
+                {
+                    "model": name,
+                    "implementation": impl,
+                    "format": fmt,
+                    "input_size": size,
+                    "threads": int(t),
+                    "p50_ms": lat["latency_p50_ms"],
+                    "p90_ms": lat["latency_p90_ms"],
+                    "partitions": lat["partitions"],
+                    "undelegated_ops": lat["undelegated_ops"],
+                    "size_bytes": sizes["size_bytes"],
+                    "gzip_bytes": sizes["gzip_bytes"],
+                    "delegate": delegate,
+                    "measured_delegate": lat.get("measured_delegate"),
+                    "amx": lat.get("amx"),
+                    "p99_ms": lat.get("latency_p99_ms"),
+                    "mean_ms": lat.get("latency_mean_ms"),
+                    "std_ms": lat.get("latency_std_ms"),
+                    "min_ms": lat.get("latency_min_ms"),
+                    "first_invoke_ms": lat.get("first_invoke_ms"),
+                    "runs": lat.get("runs"),
+                    "warmup": lat.get("warmup"),
+                    "repeats": lat.get("repeats", 1),
+                    "peak_rss_mb": lat.get("peak_rss_mb"),
+                    "runtime": lat.get("runtime"),
+                    "runtime_version": lat.get("runtime_version"),
+                    "op_counts": lat.get("op_counts"),
+                    "flex_ops": _count(audit.get("flex_ops")),
+                    "float_heavy_ops": _count(audit.get("float_heavy_ops")),
+                    "path": path,
+                    "converter": conv["converter"],
+                    "convert_s": round(conv["convert_s"], 2),
+                    "note": lat.get("note", ""),
+                    "error": lat.get("error"),
+                    "machine": machine,
+                }
+            )
+            results[-1] = {k: _nan_to_none(v) for k, v in results[-1].items()}
+            log(f"  threads={t} {delegate} amx={lat.get('amx')}: "
+                f"p50 {_fmt(lat['latency_p50_ms'])} ms")
     return results
 
 
@@ -370,14 +382,14 @@ def _fmt(v, spec=".2f") -> str:
 
 def format_table(results: Sequence[dict]) -> str:
     """A plain-text table of the results."""
-    head = ("model", "impl", "format", "size", "threads", "delegate", "p50_ms", "p90_ms", "KiB",
+    head = ("model", "impl", "format", "size", "threads", "delegate", "amx", "p50_ms", "p90_ms", "KiB",
             "partitions", "undelegated", "note")  # fmt: skip
     rows = []
     for r in results:
         und = r.get("undelegated_ops") or {}
         rows.append((
             r["model"], r.get("implementation", "ours"), r["format"], str(r["input_size"]), str(r.get("threads")),
-            str(r.get("delegate", "")), _fmt(r.get("p50_ms")), _fmt(r.get("p90_ms")),
+            str(r.get("delegate", "")), str(r.get("amx")), _fmt(r.get("p50_ms")), _fmt(r.get("p90_ms")),
             _fmt(r["size_bytes"] / 1024 if r.get("size_bytes") else None, ".0f"),
             str(r.get("partitions")), str(sum(und.values())),
             (r.get("note") or r.get("error") or "")[:60],
@@ -412,6 +424,7 @@ def main(argv: Sequence[str]) -> None:
             num_classes=_NUM_CLASSES.value,
             references=_REFERENCE.value,
             reference_converter=_REFERENCE_CONVERTER.value,
+            amx=_AMX.value,
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from e

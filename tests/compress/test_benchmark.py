@@ -105,6 +105,21 @@ def test_repeats_use_one_fresh_process_each(files):
     assert r["runs"] >= 3 * FAST["runs"]
 
 
+def test_amx_can_be_refused_to_the_timed_process(files):
+    """On a CPU with AMX-INT8 the child either leaves it to XNNPACK or refuses it (seccomp on
+    the permission request); elsewhere the column says it is absent. The parent is untouched."""
+    allowed = bm.measure_latency(files["int8"], threads=1, **FAST)
+    denied = bm.measure_latency(files["int8"], threads=1, deny_amx=True, **FAST)
+    for r in (allowed, denied):
+        assert r["error"] is None and r["latency_p50_ms"] > 0 and r["partitions"] >= 1
+    if bm.cpu_has_amx():
+        assert (allowed["amx"], denied["amx"]) == ("available", "denied")
+        assert bm._amx_permission()  # this process can still ask for it
+    else:
+        assert allowed["amx"] == denied["amx"] == "absent"
+    assert bm.machine_info()["amx_int8"] == bm.cpu_has_amx()
+
+
 def test_no_delegate_control_has_no_partitions(files):
     r = bm.measure_latency(files["fp32"], threads=1, delegate="none", **FAST)
     assert r["error"] is None and r["measured_delegate"] == "none"
@@ -445,7 +460,10 @@ def test_bench_tflite_times_a_reference_implementation_beside_ours(bench_script,
     rows = bench_script.bench_models(
         ["mobilevit_xxs", "mobile_former_26m"], formats=["fp32"], outdir=str(tmp_path),
         warmup=1, runs=3, min_secs=0, num_classes=10, references=["kecam"], log=logs.append,
+        amx=["allow", "deny"],
     )  # fmt: skip
+    assert {r["amx"] for r in rows} == ({"available", "denied"} if bm.cpu_has_amx() else {"absent"})
+    rows = [r for r in rows if r["amx"] != "denied"]
     got = {(r["model"], r["implementation"]) for r in rows}
     assert got == {("mobilevit_xxs", "ours"), ("mobilevit_xxs", "kecam"), ("mobile_former_26m", "ours")}
     assert any("kecam has no mobile_former_26m" in line for line in logs)

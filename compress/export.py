@@ -31,9 +31,9 @@ falls apart into many partitions with int8 ops on the slow builtin kernels. Here
    `convert.mlir_quantize(..., denylisted_nodes=...)` (the debugger's
    `get_nondebug_quantized_model`), keeping in float: every op of a Keras LayerNormalization
    (matched by layer name), every op of a float-only type in XNNPACK int8, and the layers whose
-   int8 kernel XNNPACK runs much slower than its float one (`slow_int8_layers`: a depthwise
+   int8 kernel XNNPACK can run much slower than its float one (`slow_int8_layers`: a depthwise
    convolution with a channel multiplier > 1, which int8 runs as a grouped convolution of tiny
-   groups; the audit counts these as float heavy ops);
+   groups, on AMX tiles where the CPU has them; the audit counts these as float heavy ops);
 2. the right-hand input of every int8 BATCH_MATMUL (k for q·kᵀ, v for attn·v) gets zero point 0:
    XNNPACK rejects a non-zero RHS zero point, and the converter has no option for a symmetric
    activation, so the flatbuffer is edited in place (`symmetric_bmm=True`; the tensors joined to
@@ -91,14 +91,17 @@ _SAME_SCALE = {"RESHAPE": (0,), "TRANSPOSE": (0,), "SQUEEZE": (0,), "EXPAND_DIMS
 
 
 def slow_int8_layers(model) -> dict[str, str]:
-    """Layers kept float in the fast int8 file because XNNPACK's int8 kernel for them is much
-    slower than its float one here: {layer name: reason}.
+    """Layers kept float in the fast int8 file because XNNPACK's int8 kernel for them can be much
+    slower than its float one: {layer name: reason}.
 
-    Measured (mobile_former_52m, 224 px, 1 thread, this 2-core VM under load): its seven
-    depthwise convolutions with depth_multiplier 3-6 cost the int8 file 2.2 ms (6.6 -> 4.4 ms
-    with them float; fp32 3.4 ms). The 3-channel image stem is also slower in int8 (0.35 ms on
-    the same model: float has a dedicated first-layer kernel) but stays int8, so that the
-    convolutions of a QAT file are all int8.
+    A depthwise convolution with depth_multiplier > 1 runs in int8 as a grouped convolution of
+    tiny groups, on the int8 GEMM kernels; on a CPU with Intel AMX those are AMX tile kernels,
+    which waste most of each 16x64 tile on such groups. Measured (mobile_former_52m, 224 px,
+    1 thread, this AMX VM under load): its seven such layers cost the int8 file 2.4 ms (7.0 ->
+    4.5 ms with them float; fp32 3.4 ms); with AMX refused to XNNPACK (AVX512-VNNI kernels,
+    compress/benchmark.py) the two files run alike (3.51 vs 3.54 ms). The 3-channel image stem
+    is also slower in int8 under AMX but stays int8, so that the convolutions of a QAT file are
+    all int8.
     """
     out = {}
     for layer in model.layers:

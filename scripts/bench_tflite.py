@@ -58,6 +58,10 @@ _CALIB_DIR = flags.DEFINE_string(
     "calib_dir", None, "Image folder (e.g. imagenette2-160/train) for int8 calibration; "
     "images are scaled to [-1, 1]. Default: random images in [-1, 1].")  # fmt: skip
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classes of the built models.")
+_REUSE = flags.DEFINE_bool(
+    "reuse", False, "Time files already in --outdir as they are instead of converting again "
+    "(e.g. after a killed run, or files converted earlier with --notime).")  # fmt: skip
+_TIME = flags.DEFINE_bool("time", True, "Time the files; --notime only converts them.")
 _AMX = flags.DEFINE_list(
     "amx", ["allow"], "allow and/or deny: time with XNNPACK free to use Intel AMX int8 kernels "
     "(the default interpreter) and/or with AMX refused to it (AVX512-VNNI, as on CPUs without "
@@ -250,6 +254,8 @@ def bench_models(
     references: Sequence[str] = (),
     reference_converter: str = "stock",
     amx: Sequence[str] = ("allow",),
+    reuse: bool = False,
+    time_files: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Convert and time every (model, format) of our implementation and of each reference
@@ -288,29 +294,37 @@ def bench_models(
             representative_images(size, num_calib, calib_dir=calib_dir) if "int8" in formats else None
         )
         for impl, build in builders:
-            model = build()
+            paths = {f: _file_path(outdir, name, impl, f) for f in formats}
+            have_all = reuse and all(os.path.exists(p) for p in paths.values())
+            model = None if have_all else build()
             stock = impl != "ours" and reference_converter == "stock"
             results += _bench_one(
-                model, name, impl, size, formats, rep, stock=stock, outdir=outdir,
-                threads=threads, delegates=delegates, warmup=warmup, runs=runs,
-                min_secs=min_secs, repeats=repeats, machine=machine, amx=amx, log=log,
+                model, name, impl, size, paths, rep, stock=stock, reuse=reuse,
+                time_files=time_files, threads=threads, delegates=delegates, warmup=warmup,
+                runs=runs, min_secs=min_secs, repeats=repeats, machine=machine, amx=amx, log=log,
             )  # fmt: skip
             del model
     return results
 
 
-def _bench_one(model, name, impl, size, formats, rep, *, stock, outdir, threads, delegates,
-               warmup, runs, min_secs, repeats, machine, amx, log) -> list[dict]:
-    """Convert one built model to every format and time each file."""
+def _file_path(outdir: str, name: str, impl: str, fmt: str) -> str:
+    return os.path.join(outdir, f"{name}.{'bench' if impl == 'ours' else impl}.{fmt}.tflite")
+
+
+def _bench_one(model, name, impl, size, paths, rep, *, stock, reuse, time_files, threads,
+               delegates, warmup, runs, min_secs, repeats, machine, amx, log) -> list[dict]:
+    """Convert one built model to every format (`paths`: format -> file) and time each file."""
     from compress.benchmark import file_sizes, measure_latency
 
     results = []
-    tag = "bench" if impl == "ours" else impl
-    for fmt in formats:
-        path = os.path.join(outdir, f"{name}.{tag}.{fmt}.tflite")
-        log(f"converting {impl} {name} {fmt} at {size}px -> {path}")
+    for fmt, path in paths.items():
         try:
-            conv = convert(model, path, fmt, size, rep if fmt == "int8" else None, stock=stock)
+            if reuse and os.path.exists(path):
+                log(f"reusing {path}")
+                conv = {"converter": "reused", "convert_s": 0.0}
+            else:
+                log(f"converting {impl} {name} {fmt} at {size}px -> {path}")
+                conv = convert(model, path, fmt, size, rep if fmt == "int8" else None, stock=stock)
         except Exception as e:
             log(f"  conversion failed: {type(e).__name__}: {e}")
             results.append(
@@ -319,6 +333,8 @@ def _bench_one(model, name, impl, size, formats, rep, *, stock, outdir, threads,
                  "undelegated_ops": {}, "size_bytes": None,
                  "error": f"conversion: {type(e).__name__}: {e}"}
             )  # fmt: skip
+            continue
+        if not time_files:
             continue
         sizes = file_sizes(path)
         audit = _audit(path)
@@ -425,6 +441,8 @@ def main(argv: Sequence[str]) -> None:
             references=_REFERENCE.value,
             reference_converter=_REFERENCE_CONVERTER.value,
             amx=_AMX.value,
+            reuse=_REUSE.value,
+            time_files=_TIME.value,
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from e

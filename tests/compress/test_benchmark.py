@@ -503,3 +503,18 @@ def test_plot_labels_never_overlap_and_near_points_share_one():
     for i in range(len(boxes)):
         for j in range(i):
             assert not boxes[i].overlaps(boxes[j]), (labels[i], labels[j])
+
+
+def test_bench_tflite_converts_only_then_times_reused_files(bench_script, tiny_registered, tmp_path):
+    kw = dict(formats=["fp32", "int8"], outdir=str(tmp_path), warmup=1, runs=3, min_secs=0,
+              num_calib=4, num_classes=10, log=lambda _: None)  # fmt: skip
+    assert bench_script.bench_models([tiny_registered], time_files=False, **kw) == []
+    files = sorted(os.listdir(tmp_path))
+    assert files == [f"{tiny_registered}.bench.fp32.tflite", f"{tiny_registered}.bench.int8.tflite"]
+
+    def never(*a, **k):
+        raise AssertionError("a reused file must not be converted again")
+
+    rows = bench_script.bench_models([tiny_registered], reuse=True, create=never, **kw)
+    assert [(r["format"], r["converter"]) for r in rows] == [("fp32", "reused"), ("int8", "reused")]
+    assert all(r["p50_ms"] > 0 and r["error"] is None for r in rows)

@@ -319,6 +319,43 @@ def one_row_per_file(rows: Sequence[dict]) -> list[dict]:
     return [min(group, key=rank) for group in by_file.values()]
 
 
+def glance_lines(rows: Sequence[dict]) -> list[str]:
+    """A markdown table of one row per file (its threads=1 / xnnpack row) with top-1 and p50
+    relative to the same model's distilled fp32 file, scored on the same validation images:
+    what each compression step costs and buys."""
+    points = [to_numeric(r) for r in one_row_per_file(rows)]
+    if not points:
+        return []
+    ref = {}
+    for r in points:
+        if r.get("stage") == "distill" and r.get("format") == "fp32":
+            ref[(r.get("workdir"), r.get("model"))] = r
+    head = ["model", "stage", "format", "top-1", "Δ top-1 (pts)", "p50 ms", "speed-up",
+            "size KiB", "sparsity", "partitions", "float heavy ops"]  # fmt: skip
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {"distill": 0, "prune": 1, "qat": 2}
+    for r in sorted(points, key=lambda r: (str(r.get("workdir")), str(r.get("model")),
+                                           order.get(r.get("stage"), 9), str(r.get("format")))):
+        base = ref.get((r.get("workdir"), r.get("model")))
+        top1, p50 = _num(r.get("top1")), _num(r.get("latency_p50_ms"))
+        d_top1 = speed = ""
+        if base is not None and top1 is not None and _num(base.get("top1")) is not None:
+            d_top1 = f"{100 * (top1 - _num(base['top1'])):+.1f}"
+        if base is not None and p50 and _num(base.get("latency_p50_ms")):
+            speed = f"{_num(base['latency_p50_ms']) / p50:.2f}x"
+        size = _num(r.get("size_bytes"))
+        sparsity = _num(r.get("sparsity"))
+        out.append("| " + " | ".join([
+            str(r.get("model", "")), str(r.get("stage", "")), str(r.get("format", "")),
+            f"{100 * top1:.1f}%" if top1 is not None else "", d_top1,
+            f"{p50:.2f}" if p50 else "", speed, f"{size / 1024:.0f}" if size else "",
+            f"{sparsity:.3f}" if sparsity is not None else "",
+            _md_value(r.get("partitions"), "partitions"),
+            _md_value(r.get("float_heavy_ops"), "float_heavy_ops"),
+        ]) + " |")  # fmt: skip
+    return out
+
+
 def _label(row: dict, with_workdir: bool) -> str:
     label = f"{row.get('stage')}/{row.get('format')}"
     if with_workdir and row.get("workdir"):
@@ -482,6 +519,14 @@ def write_report(
         "configuration in a fresh process. Plots show one point per file (its threads=1 / "
         "xnnpack row where there is one).",
         "",
+    ]
+    glance = glance_lines(rows)
+    if glance:
+        lines += ["## At a glance", "",
+                  "One row per file (1 thread, XNNPACK). Δ top-1 and speed-up are against the "
+                  "same model's distilled fp32 file, on the same validation images.", "",
+                  *glance, ""]  # fmt: skip
+    lines += [
         "## Results",
         "",
         "| " + " | ".join(cols) + " |",

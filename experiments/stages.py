@@ -403,7 +403,7 @@ class Run:
                                       f"{self.teacher_arg} ({self.cfg.preset} preset)")
         results.write_hparams(str(self.workdir))
         lines = ["", "## Training stages (Keras, validation split)", "",
-                 "| stage | val top-1 | note |", "|---|---|---|"]
+                 "| stage | val top-1 | steps | minutes | note |", "|---|---|---|---|---|"]
         for name in ("teacher", "distill", "prune", "qat"):
             m = StageDir(self.workdir, name).metrics()
             if not m:
@@ -411,11 +411,14 @@ class Run:
             note = {"teacher": f"{self.teacher_arg}",
                     "distill": f"{self.cfg.distill.kind} KD, alpha {self.cfg.distill.alpha}, "
                                f"T {self.cfg.distill.temperature}",
-                    "prune": f"sparsity {m.get('sparsity')}",
+                    "prune": f"sparsity {m.get('sparsity', float('nan')):.3f}",
                     "qat": "fake-quant model"}[name]
-            lines.append(f"| {name} | {_pct(m.get('val_top1'))} | {note} |")
+            wall = m.get("wall_s")
+            lines.append(f"| {name} | {_pct(m.get('val_top1'))} | {m.get('step', '')} | "
+                         f"{wall / 60:.1f} | {note} |" if wall else
+                         f"| {name} | {_pct(m.get('val_top1'))} | {m.get('step', '')} | | {note} |")
             if name == "distill" and m.get("baseline_val_top1") is not None:
-                lines.append(f"| labels-only baseline | {_pct(m['baseline_val_top1'])} | "
+                lines.append(f"| labels-only baseline | {_pct(m['baseline_val_top1'])} | | | "
                              "same student, steps and data, no teacher |")
         with open(report, "a") as f:
             f.write("\n".join(lines) + "\n")

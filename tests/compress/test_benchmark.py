@@ -281,7 +281,10 @@ def test_report_and_plots_are_written(rows, tmp_path):
     report = res.write_report(str(tmp_path))
     text = open(report).read()
     assert "host figures" in text and "| model |" in text
-    assert text.count("| tiny | distill |") == 4
+    glance, table = text.split("## At a glance")[1].split("## Results")
+    assert glance.count("| tiny | distill |") == 2  # one per file: fp32 and int8
+    assert "| tiny | distill | fp32 |" in glance and "| +0.0 |" in glance
+    assert table.count("| tiny | distill |") == 4  # every (file, threads, delegate) row
     for name in res.PLOTS:
         assert _png(tmp_path / name), name
         assert f"]({name})" in text
@@ -518,3 +521,24 @@ def test_bench_tflite_converts_only_then_times_reused_files(bench_script, tiny_r
     rows = bench_script.bench_models([tiny_registered], reuse=True, create=never, **kw)
     assert [(r["format"], r["converter"]) for r in rows] == [("fp32", "reused"), ("int8", "reused")]
     assert all(r["p50_ms"] > 0 and r["error"] is None for r in rows)
+
+
+def test_glance_table_is_relative_to_the_distilled_fp32_file():
+    rows = [
+        {"model": "m", "stage": "distill", "format": "fp32", "path": "a", "threads": 1,
+         "delegate": "xnnpack", "top1": 0.80, "latency_p50_ms": 10.0, "size_bytes": 4096},
+        {"model": "m", "stage": "distill", "format": "fp32", "path": "a", "threads": 2,
+         "delegate": "xnnpack", "top1": 0.80, "latency_p50_ms": 6.0, "size_bytes": 4096},
+        {"model": "m", "stage": "qat", "format": "int8", "path": "b", "threads": 1,
+         "delegate": "xnnpack", "top1": 0.793, "latency_p50_ms": 4.0, "size_bytes": 1024},
+        {"model": "m", "stage": "prune", "format": "fp32", "path": "c", "threads": 1,
+         "delegate": "none", "top1": 0.78, "latency_p50_ms": 50.0, "sparsity": 0.5},
+    ]  # fmt: skip
+    lines = res.glance_lines(rows)
+    body = [line.split(" | ") for line in lines[2:]]
+    assert [b[1:3] for b in body] == [["distill", "fp32"], ["prune", "fp32"], ["qat", "int8"]]
+    distill, prune, qat = body
+    assert distill[4:7] == ["+0.0", "10.00", "1.00x"]  # its 1-thread row, not the 2-thread one
+    assert qat[3:7] == ["79.3%", "-0.7", "4.00", "2.50x"] and qat[7] == "1"
+    assert prune[4] == "-2.0" and prune[8] == "0.500"
+    assert res.glance_lines([]) == []

@@ -326,8 +326,6 @@ def _int8_xnnpack_friendly(conv, float_layers, *, symmetric_bmm: bool, max_passe
                            extra_float: Iterable[str], info: dict) -> bytes:
     from tensorflow.lite.python import convert as tfl_convert
 
-    from compress.audit import probe_delegation
-
     conv.experimental_mlir_quantizer = True
     conv._experimental_calibrate_only = True
     calibrated = conv.convert()
@@ -345,13 +343,13 @@ def _int8_xnnpack_friendly(conv, float_layers, *, symmetric_bmm: bool, max_passe
             quant, bmm = symmetric_bmm_rhs(quant)
         result = quant
         info["passes"] = i + 1
-        probe = probe_delegation(quant, 1, "xnnpack", invoke=False)
+        probe = _probe(quant)
         if not probe["ok"] and symmetric_bmm:
             # The zero-point edit made a file XNNPACK cannot prepare: keep the converter's own
             # quantization (its int8 BATCH_MATMULs then run outside the delegate).
             info["bmm_edit_refused"] = str(probe.get("error", ""))[:200]
             result, bmm = plain, 0
-            probe = probe_delegation(plain, 1, "xnnpack", invoke=False)
+            probe = _probe(plain)
         info["partitions"] = probe["partitions"]
         if not probe["ok"]:
             break
@@ -365,6 +363,19 @@ def _int8_xnnpack_friendly(conv, float_layers, *, symmetric_bmm: bool, max_passe
     info["float_nodes"] = len(float_nodes)
     info["bmm_rhs_symmetric"] = bmm
     return result
+
+
+def _probe(model_bytes: bytes) -> dict:
+    """XNNPACK probe (prepare and one invoke) of a candidate file in a child process: an edited
+    file can crash the runtime (a double free in allocate_tensors, seen on the int8 graph of
+    keras-cv-attention-models' MobileViT-XS), which must not take the converter down with it."""
+    from compress.audit import probe_delegation_isolated
+
+    with tempfile.TemporaryDirectory(prefix="probe_") as d:
+        path = os.path.join(d, "candidate.tflite")
+        with open(path, "wb") as f:
+            f.write(model_bytes)
+        return probe_delegation_isolated(path, 1, "xnnpack")
 
 
 def _undelegated_int8_outputs(model_bytes: bytes, f: TFLiteFile) -> set[str]:

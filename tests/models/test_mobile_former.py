@@ -576,7 +576,7 @@ def test_xnnpack_friendly_int8_runs_in_one_partition(tmp_path, rng):
     """The bridges feed feature maps straight into BATCH_MATMULs; making those inputs symmetric
     must carry through the PADs of the next strided depthwise conv, or XNNPACK refuses the file."""
     from compress.audit import audit_tflite
-    from compress.export import export_tflite
+    from compress.export import export_tflite, slow_int8_layers
 
     keras.backend.clear_session()
     model = mf.build_mobile_former(num_classes=4, input_size=64, groups=1, **TINY)
@@ -588,4 +588,7 @@ def test_xnnpack_friendly_int8_runs_in_one_partition(tmp_path, rng):
     assert audit["runnable"]["xnnpack"], audit.get("errors")
     assert meta["bmm_rhs_symmetric"] > 0 and "bmm_edit_refused" not in meta
     assert audit["partitions"] == 1 and audit["undelegated_ops"] == {}
-    assert audit["float_heavy_ops"] == 0
+    # float heavy ops: exactly the depthwise convs with a channel multiplier, kept float on purpose
+    slow = slow_int8_layers(model)
+    assert slow and all("depth_multiplier" in why for why in slow.values())
+    assert audit["float_heavy_ops"] == meta["slow_int8_float_layers"] == len(slow)

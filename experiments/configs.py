@@ -83,7 +83,9 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         preserve_sparsity=True,
         kd_alpha=0.5,
         checkpoint_every=10 if smoke else 200,
-        **_optim(steps=4 if smoke else (300 if quick else 10_000), lr=1e-4,
+        # quick: 300 steps left the QAT int8 file 1.1 points under the distilled fp32 one on
+        # Imagenette, 600 steps 0.2 (README); ~8 more minutes on 2 cores
+        **_optim(steps=4 if smoke else (600 if quick else 10_000), lr=1e-4,
                  weight_decay=0.0, warmup_steps=0, label_smoothing=0.1),
     )
     for stage in (c.prune, c.qat):

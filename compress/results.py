@@ -414,9 +414,9 @@ def _label_points(fig, ax, pts, near_px: float = 6.0, step_pt: float = 9.0) -> N
         else:
             groups.append([px, py, sx, sy, [label]])
     placed = []
+    right_edge = ax.get_window_extent(renderer).x1
     for px, py, _, _, labels in sorted(groups, key=lambda g: (-g[3], g[2])):
         text = ", ".join(dict.fromkeys(labels))
-        right_edge = ax.get_window_extent(renderer).x1
         for i in range(40):
             for dx, ha in ((4, "left"), (-4, "right")):  # left of the point near the right edge
                 ann = ax.annotate(text, (px, py), textcoords="offset points", ha=ha,

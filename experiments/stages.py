@@ -413,10 +413,9 @@ class Run:
                                f"T {self.cfg.distill.temperature}",
                     "prune": f"sparsity {m.get('sparsity', float('nan')):.3f}",
                     "qat": "fake-quant model"}[name]
-            wall = m.get("wall_s")
+            minutes = f"{m['wall_s'] / 60:.1f}" if m.get("wall_s") else ""
             lines.append(f"| {name} | {_pct(m.get('val_top1'))} | {m.get('step', '')} | "
-                         f"{wall / 60:.1f} | {note} |" if wall else
-                         f"| {name} | {_pct(m.get('val_top1'))} | {m.get('step', '')} | | {note} |")
+                         f"{minutes} | {note} |")
             if name == "distill" and m.get("baseline_val_top1") is not None:
                 lines.append(f"| labels-only baseline | {_pct(m['baseline_val_top1'])} | | | "
                              "same student, steps and data, no teacher |")

@@ -210,10 +210,21 @@ def _weight_source(f: TFLiteFile, t: int) -> int | None:
     return None
 
 
+def _is_selection_kernel(values: np.ndarray, shape: tuple) -> bool:
+    """A constant conv kernel with exactly one non-zero per output channel, all equal: a channel
+    selection (e.g. Mobile-Former's ChannelRepeat one-hot 1x1 conv), not a learned weight."""
+    if not shape or values.size != int(np.prod(shape)):
+        return False
+    out = shape[0]  # TFLite CONV_2D filters are [out, kh, kw, in]
+    nz = values.reshape(out, -1) != 0
+    return bool((nz.sum(axis=1) == 1).all()) and np.unique(values[values != 0]).size == 1
+
+
 def weight_sparsity(f: TFLiteFile) -> tuple[float, int]:
     """Fraction of zeros among the weights of CONV_2D and FULLY_CONNECTED (the layers magnitude
     pruning touches; DEPTHWISE_CONV_2D is never pruned, STACK §2a). Sparse tensors count their
-    pruned blocks as zeros. Returns (fraction, number of weights)."""
+    pruned blocks as zeros; constant channel-selection kernels (one-hot 1x1 convs) are not
+    weights and are skipped. Returns (fraction, number of weights)."""
     total = zeros = 0
     seen = set()
     for op in f.ops:
@@ -225,7 +236,8 @@ def weight_sparsity(f: TFLiteFile) -> tuple[float, int]:
         seen.add(src)
         t = f.tensors[src]
         values = f.buffer_array(src)
-        if values is None:
+        if values is None or (op.type == "CONV_2D" and not t.sparse
+                              and _is_selection_kernel(values, t.shape)):
             continue
         dense = int(np.prod(t.shape)) if t.shape else values.size
         total += dense

@@ -101,13 +101,22 @@ def slow_int8_layers(model) -> dict[str, str]:
     4.5 ms with them float; fp32 3.4 ms); with AMX refused to XNNPACK (AVX512-VNNI kernels,
     compress/benchmark.py) the two files run alike (3.51 vs 3.54 ms). The 3-channel image stem
     is also slower in int8 under AMX but stays int8, so that the convolutions of a QAT file are
-    all int8.
+    all int8. (Mobile-Former builds its stride-1 expanding depthwise convs as a one-hot 1x1 conv
+    + a plain depthwise conv, `models.mobile_former.ChannelRepeat`, which int8 runs fast.)
+
+    A dynamic ReLU (Mobile-Former's `DynamicReLU`: two per-channel products and a sum over the
+    whole feature map) stays float too: XNNPACK's int8 MUL has only a 128-bit kernel on x86 (no
+    AVX2/AVX-512 variant), about 2x slower than its float MUL per element. Measured on the 2-core
+    AMD EPYC (Zen 5, no AMX), one thread, interleaved fresh-process p50s: mobile_former_26m int8
+    2.43 -> 2.23 ms (fp32 2.29), mobile_former_294m 4.81 -> 4.33 ms (fp32 6.7).
     """
     out = {}
     for layer in model.layers:
         inner = getattr(layer, "layer", layer)
         if isinstance(inner, keras.layers.DepthwiseConv2D) and inner.depth_multiplier > 1:
             out[layer.name] = f"depthwise depth_multiplier={inner.depth_multiplier}"
+        elif type(inner).__name__ == "DynamicReLU":
+            out[layer.name] = "dynamic ReLU: int8 MUL is slower than float MUL in XNNPACK (x86)"
     return out
 
 
@@ -266,6 +275,20 @@ def _initial_float_nodes(calibrated: bytes, float_layers: list[str], keep_bmm_fl
                 or (layer_re is not None and any(layer_re.search(p) for p in parts))
                 or (extra_re is not None and any(extra_re.search(p) for p in parts))):
             nodes.update(names)
+    return _with_feeding_pads(f, nodes)
+
+
+def _with_feeding_pads(f: TFLiteFile, nodes: set[str]) -> set[str]:
+    """Adds the PADs whose every consumer stays float: an int8 PAD in front of a float
+    convolution leaves a separate pad pass plus a DEQUANTIZE of the padded map, where a float
+    PAD is fused into the convolution by XNNPACK (mobile_former_26m: 0.14 ms of int8 PADs)."""
+    for op in f.ops:
+        if op.type not in ("PAD", "PADV2") or not op.outputs:
+            continue
+        consumers = f.consumers.get(op.outputs[0], [])
+        if consumers and all(f.tensors[t].name in nodes
+                             for c in consumers for t in f.ops[c].outputs):
+            nodes.update(f.tensors[t].name for t in op.outputs)
     return nodes
 
 

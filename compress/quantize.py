@@ -241,6 +241,7 @@ QUANTIZE: dict[str, Spec] = {
     "Fold": noop("patch folding: moves values"),
     "ChannelShuffle": noop("moves values"),
     "GroupSplit": noop("channel split: moves values"),
+    "ChannelRepeat": noop("repeats channels (a one-hot 1x1 conv, exact in int8): moves values"),
     "ReshapeAs": noop("reshape: moves values"),
     "Resize": noop("resize: int8 RESIZE keeps its input's scale"),
     "HardSigmoid": output("relu6(x+3)/6: output quantized"),

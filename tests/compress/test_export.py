@@ -400,3 +400,47 @@ def test_float_layers_globs_keep_chosen_layers_float(trained, tmp_path):
     with pytest.raises(ValueError, match="float_layers: 'nothing_\\*' matches no layer"):
         export_tflite(model, tmp_path / "x.tflite", fmt="int8", input_size=S,
                       representative=rep, float_layers=["nothing_*"])  # fmt: skip
+
+
+def test_pad_in_front_of_a_float_conv_stays_float_too(tmp_path):
+    """A PAD whose consumer stays float is kept float with it: XNNPACK then fuses it into the
+    convolution, where an int8 PAD is a pass of its own plus a DEQUANTIZE of the padded map."""
+    inputs = keras.Input((S, S, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem_conv")(inputs)
+    x = keras.layers.ZeroPadding2D(1, name="dw_mult_pad")(x)
+    x = keras.layers.DepthwiseConv2D(3, strides=2, depth_multiplier=3, name="dw_mult")(x)
+    x = keras.layers.ZeroPadding2D(1, name="pw_pad")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(CLASSES, name="head")(x))
+    rng = np.random.default_rng(0)
+    rep = [rng.uniform(0, 1, (1, S, S, 3)).astype("float32") for _ in range(8)]
+    path = tmp_path / "pad.int8.tflite"
+    assert export_tflite(model, path, fmt="int8", input_size=S, representative=rep)[
+        "partitions"] == 1
+    f = TFLiteFile(path.read_bytes())
+    pads = {f.tensors[op.outputs[0]].name.split("/")[1]: f.tensors[op.outputs[0]].dtype
+            for op in f.ops if op.type == "PAD"}
+    assert pads == {"dw_mult_pad": "FLOAT32", "pw_pad": "INT8"}  # the int8 conv keeps its PAD
+
+
+def test_channel_selection_kernels_are_not_counted_as_weights(tmp_path):
+    """Mobile-Former's ChannelRepeat is a constant one-hot 1x1 conv: no weight, no sparsity."""
+    from models.mobile_former import ChannelRepeat
+
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = ChannelRepeat(3, name="repeat")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    rep = np.random.default_rng(0).uniform(0, 1, (8, 8, 8, 3)).astype("float32")
+    for fmt in ("fp32", "int8"):
+        path = tmp_path / f"rep.{fmt}.tflite"
+        export_tflite(model, path, fmt=fmt, input_size=8, representative=rep)
+        a = audit_tflite(path)
+        assert a["ops"]["CONV_2D"] == 2  # the repeat is a CONV_2D ...
+        assert a["sparsity_weights"] == 3 * 3 * 3 * 4 and a["sparsity"] < 0.01  # ... not a weight
+        f = TFLiteFile(path.read_bytes())
+        kernels = [f.buffer_array(op.inputs[1]) for op in f.ops if op.type == "CONV_2D"]
+        assert sum(audit_mod._is_selection_kernel(k, f.tensors[op.inputs[1]].shape)
+                   for k, op in zip(kernels, [o for o in f.ops if o.type == "CONV_2D"])) == 1

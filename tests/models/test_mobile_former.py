@@ -68,8 +68,12 @@ def conv_pw(x, wt, groups):
 
 def conv_dw(x, k, stride):
     """PyTorch Conv2d(C, C*m, 3, stride, padding=1, groups=C) on NCHW; k is the Keras
-    depthwise kernel (3, 3, C, m), turned into the PyTorch (C*m, 3, 3) weight here."""
-    c, m = k.shape[2], k.shape[3]
+    depthwise kernel (3, 3, C, m), turned into the PyTorch (C*m, 3, 3) weight here, or the
+    (3, 3, C*m, 1) kernel of the plain depthwise conv after a ChannelRepeat(m) (stride 1)."""
+    c = x.shape[1]
+    if k.shape[2] != c:  # ChannelRepeat + depthwise: output channel c*m + j, as the multiplier
+        k = k.reshape(3, 3, c, k.shape[2] // c)
+    m = k.shape[3]
     wt = k.transpose(2, 3, 0, 1).reshape(c * m, 3, 3)  # out channel o reads input o // m
     xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     h, w = x.shape[2] // stride, x.shape[3] // stride
@@ -327,6 +331,20 @@ def test_channel_shuffle_and_grouped_conv_match_pytorch_semantics(rng):
     np.testing.assert_allclose(model(x).numpy(), ref.transpose(0, 2, 3, 1), **TOL)
 
 
+def test_channel_repeat_is_tf_repeat_and_feeds_a_plain_depthwise_conv(rng):
+    x = rng.standard_normal((2, 5, 7, 6)).astype("float32")
+    np.testing.assert_array_equal(mf.ChannelRepeat(4)(x).numpy(), np.repeat(x, 4, axis=-1))
+    inp = keras.Input((None, None, 6))
+    for stride, repeat in ((1, True), (2, False)):
+        model = keras.Model(inp, mf.depthwise_conv_bn(inp, multiplier=4, stride=stride,
+                                                      name="dw"))
+        kinds = [type(layer).__name__ for layer in model.layers]
+        assert ("ChannelRepeat" in kinds) is repeat, kinds
+        assert model.get_layer("dw").depth_multiplier == (1 if repeat else 4)
+        # the same parameters as the reference's Conv2d(6, 24, 3, groups=6) + BN
+        assert sum(np.prod(w.shape) for w in model.trainable_weights) == 24 * 9 + 2 * 24
+
+
 BLOCK_CASES = [  # (block, in, out, stride, e1, e2, groups)
     ("D", 8, 8, 1, 3, 3, 1),
     ("D", 8, 16, 1, 4, 4, 4),
@@ -577,6 +595,7 @@ def test_xnnpack_friendly_int8_runs_in_one_partition(tmp_path, rng):
     must carry through the PADs of the next strided depthwise conv, or XNNPACK refuses the file."""
     from compress.audit import audit_tflite
     from compress.export import export_tflite, slow_int8_layers
+    from compress.tflite_file import TFLiteFile
 
     keras.backend.clear_session()
     model = mf.build_mobile_former(num_classes=4, input_size=64, groups=1, **TINY)
@@ -588,7 +607,14 @@ def test_xnnpack_friendly_int8_runs_in_one_partition(tmp_path, rng):
     assert audit["runnable"]["xnnpack"], audit.get("errors")
     assert meta["bmm_rhs_symmetric"] > 0 and "bmm_edit_refused" not in meta
     assert audit["partitions"] == 1 and audit["undelegated_ops"] == {}
-    # float heavy ops: exactly the depthwise convs with a channel multiplier, kept float on purpose
+    # kept float on purpose: the (stride-2) depthwise convs with a channel multiplier, the only
+    # float heavy ops, and the dynamic ReLUs, whose products are float MULs
     slow = slow_int8_layers(model)
-    assert slow and all("depth_multiplier" in why for why in slow.values())
-    assert audit["float_heavy_ops"] == meta["slow_int8_float_layers"] == len(slow)
+    dw = {n for n, why in slow.items() if "depth_multiplier" in why}
+    dyn = {n for n, why in slow.items() if "dynamic ReLU" in why}
+    assert dw and dyn and dw | dyn == set(slow)
+    assert meta["slow_int8_float_layers"] == len(slow) and audit["float_heavy_ops"] == len(dw)
+    f = TFLiteFile(str(path))
+    muls = {f.tensors[op.outputs[0]].dtype for op in f.ops if op.type == "MUL"
+            and any(f"/{n}/" in f.tensors[op.outputs[0]].name for n in dyn)}
+    assert muls == {"FLOAT32"}

@@ -348,7 +348,8 @@ def parity(model, path, images, *, threads: int = 1, delegate: str | None = None
         cannot run the file (sparse int8, STACK §2d).
       isolate: first check in a child process that the interpreter runs the file (a file that
         aborts, like a 16x8 one with LayerNorm, raises RuntimeError instead of killing this one).
-    Returns: dict(max_abs_diff, mean_abs_diff, top1_agreement, n, delegate).
+    Returns: dict(max_abs_diff, mean_abs_diff, rel_l2 (||file - keras|| / ||keras|| over all
+      outputs), top1_agreement, n, delegate).
     """
     images = np.asarray(images, np.float32)
     ref = np.asarray(model.predict(images, batch_size=min(len(images), 32), verbose=0))
@@ -376,9 +377,11 @@ def parity(model, path, images, *, threads: int = 1, delegate: str | None = None
     else:
         raise RuntimeError(f"no interpreter ran {path}: {last}")
     diff = np.abs(got.reshape(ref.shape) - ref)
+    norm = float(np.linalg.norm(ref))
     return dict(
         max_abs_diff=float(diff.max()),
         mean_abs_diff=float(diff.mean()),
+        rel_l2=float(np.linalg.norm(diff) / norm) if norm else float("nan"),
         top1_agreement=float(np.mean(got.reshape(ref.shape).argmax(-1) == ref.argmax(-1))),
         n=int(len(images)),
         delegate=d,

@@ -7,7 +7,8 @@ Each model is built with `models.create_model(name, input_size=default_size)` (r
 1000 classes), converted to every format (`fp32`, `fp16`, `drq`, `int8` = full integer with a
 representative set of random images, or real ones with `--calib_dir`), and each file is timed
 with `compress.benchmark.measure_latency` for every thread count and delegate. Conversion uses
-`compress.export.export_tflite` when that module is present, else a plain TFLiteConverter.
+`compress.export.export_tflite` (the fast int8 path); `--reference_converter=stock` converts the
+reference implementation with a plain TFLiteConverter instead.
 
 `--reference=kecam` also builds the same architectures from another Keras implementation,
 keras-cv-attention-models (`pip install keras-cv-attention-models==1.4.3`; MobileViT v1 and
@@ -21,6 +22,17 @@ Writes a JSON array (one object per file x threads x delegate) with the keys `mo
 `gzip_bytes`, `runtime`, `runtime_version`, `flex_ops`, `float_heavy_ops`, `converter`,
 `convert_s`, `implementation` (`ours` or the reference's name), `amx` (`absent`,
 `available` or `denied`, `--amx=allow,deny`), `note`, `error`, `machine`. Figures from an x86 host are labelled host figures.
+
+Beside each latency, how far the file is from its Keras model and from the host's limit:
+`agreement` (top-1 agreement with the Keras model on `--num_eval` images that were not used for
+calibration), `rel_l2` (||file - keras|| / ||keras|| of the logits), `max_abs_diff`; `macs`,
+`floor_ms` (2 * MACs at the GEMM ceiling measured in the same run, `--floor`: float ceiling for
+fp32/fp16 files, int8 ceiling for int8/drq files) and `x_floor` (p50 / floor). The weights are
+random, so the BatchNorm statistics are first re-estimated on the calibration images
+(`--recalibrate_bn`): the logits then depend on the image and the agreement means something (it is
+not an accuracy: trained weights and real labels are the pipeline's job, `results.csv`). The
+comparison is computed when a file is converted and kept beside it (`FILE.tflite.json`), so
+`--reuse` reports it too. The ceiling goes in the JSON's rows as `ceiling` and is printed.
 """
 
 from __future__ import annotations
@@ -66,6 +78,16 @@ _AMX = flags.DEFINE_list(
     "amx", ["allow"], "allow and/or deny: time with XNNPACK free to use Intel AMX int8 kernels "
     "(the default interpreter) and/or with AMX refused to it (AVX512-VNNI, as on CPUs without "
     "AMX); see compress/benchmark.py. Only matters on CPUs with amx_int8.")  # fmt: skip
+_NUM_EVAL = flags.DEFINE_integer(
+    "num_eval", 32, "Images (not among the calibration ones) on which each file is compared with "
+    "its Keras model: top-1 agreement, relative logit error. 0 skips the comparison.")  # fmt: skip
+_RECALIBRATE_BN = flags.DEFINE_bool(
+    "recalibrate_bn", True, "Re-estimate the BatchNorm statistics of the random-weight models on "
+    "the calibration images before converting: with init statistics the logits barely depend on "
+    "the image, and top-1 agreement would measure nothing.")  # fmt: skip
+_FLOOR = flags.DEFINE_bool(
+    "floor", True, "Measure this host's GEMM ceiling (compress.benchmark.gemm_ceiling) and give "
+    "each file its floor, 2 * MACs / ceiling, and p50 / floor.")  # fmt: skip
 _REFERENCE = flags.DEFINE_list(
     "reference", [], "Other Keras implementations to time beside ours, among: kecam "
     "(keras-cv-attention-models 1.4.3). Models it lacks are skipped for it.")  # fmt: skip
@@ -177,14 +199,10 @@ def convert(
     returns {'converter', 'convert_s', ...export info}."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    from compress.export import export_tflite
+
     t0 = time.perf_counter()
-    try:
-        from compress.export import export_tflite
-    except ImportError:
-        export_tflite = None
-    if stock:
-        export_tflite = None
-    if export_tflite is not None:
+    if not stock:
         info = export_tflite(
             model,
             path,
@@ -198,6 +216,59 @@ def convert(
         _plain_convert(model, path, fmt, input_size, representative)
         info, converter = {}, "TFLiteConverter"
     return {**info, "converter": converter, "convert_s": time.perf_counter() - t0}
+
+
+def recalibrate_batchnorm(model, images: np.ndarray) -> int:
+    """Sets every BatchNormalization's moving mean and variance to the statistics of `images`
+    (one forward pass in training mode with momentum 0), as a data-dependent init would: a
+    random-weight network then normalises its activations and its logits vary with the image.
+    Returns the number of BatchNormalization layers."""
+    from models.compat import keras
+
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [bn.momentum for bn in bns]
+    try:
+        for bn in bns:
+            bn.momentum = 0.0
+        if bns:
+            model(np.asarray(images, np.float32), training=True)
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+    return len(bns)
+
+
+def _fidelity(model, path: str, images: list[np.ndarray]) -> dict:
+    """Keras-vs-file comparison on `images` (agreement, errors); {} without images."""
+    if model is None or not images:
+        return {}
+    from compress.audit import parity
+
+    try:
+        p = parity(model, path, np.concatenate(images), threads=1)
+    except Exception as e:  # a file the interpreter cannot run: the timing reports it
+        return {"fidelity_error": f"{type(e).__name__}: {e}"}
+    return {"agreement": p["top1_agreement"], "rel_l2": p["rel_l2"],
+            "max_abs_diff": p["max_abs_diff"], "eval_images": p["n"]}
+
+
+def _sidecar(path: str) -> str:
+    return path + ".json"
+
+
+def _write_sidecar(path: str, info: dict) -> None:
+    tmp = _sidecar(path) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1, default=str)
+    os.replace(tmp, _sidecar(path))
+
+
+def _read_sidecar(path: str) -> dict:
+    try:
+        with open(_sidecar(path)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def _audit(path: str) -> dict:
@@ -256,12 +327,20 @@ def bench_models(
     amx: Sequence[str] = ("allow",),
     reuse: bool = False,
     time_files: bool = True,
+    num_eval: int = 0,
+    recalibrate_bn: bool = False,
+    floor: bool = False,
+    ceiling_fn: Callable | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Convert and time every (model, format) of our implementation and of each reference
-    implementation that has the model; one result dict per (file, threads, delegate)."""
+    implementation that has the model; one result dict per (file, threads, delegate).
+
+    `num_eval`, `recalibrate_bn` and `floor` are the flags of the same names (off by default
+    here, on in the command line); `ceiling_fn` replaces `compress.benchmark.gemm_ceiling`."""
     import models
-    from compress.benchmark import machine_info
+    from compress.audit import static_costs
+    from compress.benchmark import gemm_ceiling, machine_info
 
     check_names(names)
     bad = [f for f in formats if f not in FORMATS]
@@ -277,9 +356,20 @@ def bench_models(
         raise ValueError(f"--amx: {', '.join(bad) or 'empty'}; accepted: allow, deny")
     if reference_converter not in ("stock", "ours"):
         raise ValueError(f"--reference_converter: {reference_converter!r}; accepted: stock, ours")
+    if num_eval < 0:
+        raise ValueError(f"--num_eval: must be >= 0, got {num_eval}")
     create = create or models.create_model
     machine = machine_info()
     os.makedirs(outdir, exist_ok=True)
+    ceiling = {}
+    if floor and time_files:
+        ceiling_fn = ceiling_fn or gemm_ceiling
+        for amx_mode in amx:
+            log(f"GEMM ceiling (1x1 convs), amx={amx_mode}")
+            for t, c in ceiling_fn(os.path.join(outdir, "ceiling"), threads=[int(t) for t in threads],
+                                   deny_amx=amx_mode == "deny").items():
+                ceiling[(t, amx_mode)] = c
+                log(f"  threads={t}: fp32 {c['fp32_gflops']:.0f} GFLOP/s, int8 {c['int8_gops']:.0f} GOP/s")
     results = []
     for name in names:
         size = models.get_model_info(name).default_size
@@ -290,18 +380,25 @@ def bench_models(
                 log(f"{impl} has no {name}; skipped for it")
                 continue
             builders.append((impl, lambda build=build: build(num_classes, size)))
-        rep = (
-            representative_images(size, num_calib, calib_dir=calib_dir) if "int8" in formats else None
-        )
+        need = num_calib if ("int8" in formats or recalibrate_bn) else 0
+        images = (representative_images(size, need + num_eval, calib_dir=calib_dir)
+                  if need + num_eval else [])  # fmt: skip
+        rep, evals = (images[:need] or None), images[need:]
         for impl, build in builders:
             paths = {f: _file_path(outdir, name, impl, f) for f in formats}
             have_all = reuse and all(os.path.exists(p) for p in paths.values())
             model = None if have_all else build()
+            extra = {}
+            if model is not None:
+                if recalibrate_bn and rep:
+                    extra["bn_recalibrated"] = recalibrate_batchnorm(model, np.concatenate(rep)) > 0
+                extra["macs"] = static_costs(model, size)["macs"]
             stock = impl != "ours" and reference_converter == "stock"
             results += _bench_one(
                 model, name, impl, size, paths, rep, stock=stock, reuse=reuse,
                 time_files=time_files, threads=threads, delegates=delegates, warmup=warmup,
                 runs=runs, min_secs=min_secs, repeats=repeats, machine=machine, amx=amx, log=log,
+                evals=evals, extra=extra, ceiling=ceiling,
             )  # fmt: skip
             del model
     return results
@@ -312,9 +409,11 @@ def _file_path(outdir: str, name: str, impl: str, fmt: str) -> str:
 
 
 def _bench_one(model, name, impl, size, paths, rep, *, stock, reuse, time_files, threads,
-               delegates, warmup, runs, min_secs, repeats, machine, amx, log) -> list[dict]:
-    """Convert one built model to every format (`paths`: format -> file) and time each file."""
-    from compress.benchmark import file_sizes, measure_latency
+               delegates, warmup, runs, min_secs, repeats, machine, amx, log, evals=(),
+               extra=None, ceiling=None) -> list[dict]:
+    """Convert one built model to every format (`paths`: format -> file), compare each file with
+    the model on `evals` (kept beside the file), and time each file."""
+    from compress.benchmark import file_sizes, floor_ms, measure_latency
 
     results = []
     for fmt, path in paths.items():
@@ -322,9 +421,15 @@ def _bench_one(model, name, impl, size, paths, rep, *, stock, reuse, time_files,
             if reuse and os.path.exists(path):
                 log(f"reusing {path}")
                 conv = {"converter": "reused", "convert_s": 0.0}
+                info = _read_sidecar(path)
             else:
                 log(f"converting {impl} {name} {fmt} at {size}px -> {path}")
                 conv = convert(model, path, fmt, size, rep if fmt == "int8" else None, stock=stock)
+                info = {**(extra or {}), **_fidelity(model, path, list(evals))}
+                _write_sidecar(path, info)
+                if "agreement" in info:
+                    log(f"  vs Keras on {info['eval_images']} images: top-1 agreement "
+                        f"{info['agreement']:.3f}, relative logit error {info['rel_l2']:.4f}")
         except Exception as e:
             log(f"  conversion failed: {type(e).__name__}: {e}")
             results.append(
@@ -344,6 +449,8 @@ def _bench_one(model, name, impl, size, paths, rep, *, stock, reuse, time_files,
                 min_secs=min_secs, input_size=size, repeats=repeats,
                 deny_amx=amx_mode == "deny",
             )  # fmt: skip
+            floor = floor_ms(info.get("macs"), fmt, (ceiling or {}).get((int(t), amx_mode)))
+            p50 = lat["latency_p50_ms"]
             results.append(
                 {
                     "model": name,
@@ -352,6 +459,15 @@ def _bench_one(model, name, impl, size, paths, rep, *, stock, reuse, time_files,
                     "input_size": size,
                     "threads": int(t),
                     "p50_ms": lat["latency_p50_ms"],
+                    "agreement": info.get("agreement"),
+                    "rel_l2": info.get("rel_l2"),
+                    "max_abs_diff": info.get("max_abs_diff"),
+                    "eval_images": info.get("eval_images"),
+                    "bn_recalibrated": info.get("bn_recalibrated"),
+                    "macs": info.get("macs"),
+                    "floor_ms": floor,
+                    "x_floor": p50 / floor if floor and p50 == p50 else None,
+                    "ceiling": (ceiling or {}).get((int(t), amx_mode)),
                     "p90_ms": lat["latency_p90_ms"],
                     "partitions": lat["partitions"],
                     "undelegated_ops": lat["undelegated_ops"],
@@ -399,7 +515,7 @@ def _fmt(v, spec=".2f") -> str:
 def format_table(results: Sequence[dict]) -> str:
     """A plain-text table of the results."""
     head = ("model", "impl", "format", "size", "threads", "delegate", "amx", "p50_ms", "p90_ms", "KiB",
-            "partitions", "undelegated", "note")  # fmt: skip
+            "partitions", "undelegated", "agree", "rel_err", "x_floor", "note")  # fmt: skip
     rows = []
     for r in results:
         und = r.get("undelegated_ops") or {}
@@ -408,6 +524,7 @@ def format_table(results: Sequence[dict]) -> str:
             str(r.get("delegate", "")), str(r.get("amx")), _fmt(r.get("p50_ms")), _fmt(r.get("p90_ms")),
             _fmt(r["size_bytes"] / 1024 if r.get("size_bytes") else None, ".0f"),
             str(r.get("partitions")), str(sum(und.values())),
+            _fmt(r.get("agreement"), ".3f"), _fmt(r.get("rel_l2"), ".4f"), _fmt(r.get("x_floor"), ".1f"),
             (r.get("note") or r.get("error") or "")[:60],
         ))  # fmt: skip
     widths = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h) for i, h in enumerate(head)]
@@ -443,6 +560,9 @@ def main(argv: Sequence[str]) -> None:
             amx=_AMX.value,
             reuse=_REUSE.value,
             time_files=_TIME.value,
+            num_eval=_NUM_EVAL.value,
+            recalibrate_bn=_RECALIBRATE_BN.value,
+            floor=_FLOOR.value,
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from e
@@ -453,6 +573,13 @@ def main(argv: Sequence[str]) -> None:
     print(format_table(results))
     if results and results[0].get("machine"):
         print(f"\n{results[0]['machine']['label']}")
+    seen = set()
+    for r in results:
+        c, key = r.get("ceiling"), (r.get("threads"), r.get("amx"))
+        if c and key not in seen:
+            seen.add(key)
+            print(f"GEMM ceiling, threads={key[0]} amx={key[1]}: fp32 {c['fp32_gflops']:.0f} GFLOP/s, "
+                  f"int8 {c['int8_gops']:.0f} GOP/s (floor = 2 * MACs / ceiling; x_floor = p50 / floor)")
     if _JSON.value:
         folder = os.path.dirname(os.path.abspath(_JSON.value))
         os.makedirs(folder, exist_ok=True)

@@ -206,6 +206,24 @@ def test_machine_info_labels_host_figures():
     assert m["host_figures"] is True and m["cpu"] and m["cores"] >= 1
     assert m["packages"]["ai-edge-litert"] and m["packages"]["tensorflow"]
     assert "not phone figures" in m["label"]
+    if m["machine"] == "x86_64" and os.path.exists("/proc/cpuinfo"):
+        assert m["cpu_family"] and f"family {m['cpu_family']}" in m["label"]
+        assert "avx2" in m["isa"] and set(m["isa"]) <= bm._ISA_FLAGS
+
+
+def test_gemm_ceiling_and_the_floor_it_gives(tmp_path):
+    c = bm.gemm_ceiling(str(tmp_path), threads=(1,), shapes=((8, 64), (4, 128)), runs=5,
+                        min_secs=0.0)[1]
+    assert sorted(c["by_shape"]) == ["4x4x128", "8x8x64"]
+    for fmt, key in (("fp32", "fp32_gflops"), ("int8", "int8_gops")):
+        rates = [v[fmt] for v in c["by_shape"].values()]
+        assert all(r > 0 for r in rates) and c[key] == max(rates)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        f"conv1x1_{k}.{f}.tflite" for k in c["by_shape"] for f in ("fp32", "int8"))
+    assert bm.floor_ms(10**9, "int8", c) == pytest.approx(2e3 / c["int8_gops"])
+    assert bm.floor_ms(10**9, "drq", c) == bm.floor_ms(10**9, "int8", c)
+    assert bm.floor_ms(10**9, "fp16", c) == pytest.approx(2e3 / c["fp32_gflops"])
+    assert bm.floor_ms(None, "fp32", c) is None and bm.floor_ms(10**9, "fp32", None) is None
 
 
 # --------------------------------------------------------------------------- results.csv
@@ -430,6 +448,9 @@ def test_bench_tflite_json_has_contract_keys(bench_script, tiny_registered, tmp_
         assert 0 < r["p50_ms"] <= r["p90_ms"]
         assert r["size_bytes"] == os.path.getsize(r["path"])
         assert r["error"] is None
+        # on by default in the command line: the comparison with Keras and the floor
+        assert r["eval_images"] == 32 and 0 <= r["agreement"] <= 1 and r["rel_l2"] >= 0
+        assert r["floor_ms"] > 0 and r["x_floor"] == pytest.approx(r["p50_ms"] / r["floor_ms"])
     assert {(r["format"], r["threads"]) for r in data} == {
         ("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)
     }  # fmt: skip
@@ -513,7 +534,8 @@ def test_bench_tflite_converts_only_then_times_reused_files(bench_script, tiny_r
               num_calib=4, num_classes=10, log=lambda _: None)  # fmt: skip
     assert bench_script.bench_models([tiny_registered], time_files=False, **kw) == []
     files = sorted(os.listdir(tmp_path))
-    assert files == [f"{tiny_registered}.bench.fp32.tflite", f"{tiny_registered}.bench.int8.tflite"]
+    assert files == sorted(f"{tiny_registered}.bench.{fmt}.tflite{ext}"
+                           for fmt in ("fp32", "int8") for ext in ("", ".json"))  # + its sidecar
 
     def never(*a, **k):
         raise AssertionError("a reused file must not be converted again")
@@ -542,3 +564,53 @@ def test_glance_table_is_relative_to_the_distilled_fp32_file():
     assert qat[3:7] == ["79.3%", "-0.7", "4.00", "2.50x"] and qat[7] == "1"
     assert prune[4] == "-2.0" and prune[8] == "0.500"
     assert res.glance_lines([]) == []
+
+
+def test_recalibrate_batchnorm_sets_the_statistics_of_the_images(bench_script):
+    inp = keras.Input((6, 6, 3))
+    bn = keras.layers.BatchNormalization(momentum=0.9, name="bn")
+    model = keras.Model(inp, keras.layers.Dense(4)(bn(inp)))
+    x = np.random.default_rng(0).normal(2.0, 3.0, (16, 6, 6, 3)).astype("float32")
+    assert bench_script.recalibrate_batchnorm(model, x) == 1
+    mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(var, x.reshape(-1, 3).var(axis=0, ddof=1), rtol=1e-4)  # unbiased
+    assert bn.momentum == 0.9
+    np.testing.assert_allclose(model(x, training=False), model(x, training=True), rtol=2e-3)
+
+
+def test_bench_tflite_compares_each_file_with_its_keras_model(bench_script, tiny_registered,
+                                                              tmp_path):
+    """Agreement and relative error on images not used for calibration, MACs and the floor
+    beside each latency; kept beside the file, so a reused file reports them too."""
+    from compress.audit import static_costs
+
+    kw = dict(formats=["fp32", "int8"], outdir=str(tmp_path), warmup=1, runs=3, min_secs=0,
+              num_calib=4, num_classes=10, log=lambda _: None, num_eval=6, recalibrate_bn=True)
+    rows = bench_script.bench_models([tiny_registered], **kw)
+    fp32, int8 = rows
+    assert fp32["agreement"] == 1.0 and fp32["rel_l2"] < 1e-5 and fp32["eval_images"] == 6
+    assert 0.0 <= int8["agreement"] <= 1.0 and 0.0 < int8["rel_l2"] < 0.5
+    assert fp32["bn_recalibrated"] is False  # the tiny net has no BatchNormalization
+    macs = static_costs(tiny_registered_model(), 24)["macs"]
+    assert fp32["macs"] == int8["macs"] == macs
+    assert fp32["floor_ms"] is None and fp32["x_floor"] is None  # no --floor
+    ceiling = {"fp32_gflops": 100.0, "int8_gops": 400.0, "by_shape": {}}
+    reused = bench_script.bench_models(
+        [tiny_registered], **{**kw, "num_eval": 0}, reuse=True,
+        create=lambda *a, **k: pytest.fail("a reused file must not be converted again"))
+    assert [(r["agreement"], r["rel_l2"]) for r in reused] == [
+        (r["agreement"], r["rel_l2"]) for r in rows]
+    # the floor: 2 * MACs at the ceiling of the format's kind
+    got = bench_script.bench_models([tiny_registered], **kw, reuse=True, floor=True,
+                                    ceiling_fn=lambda *a, **k: {1: ceiling})
+    assert got[0]["floor_ms"] == pytest.approx(2 * macs / 100e9 * 1e3)
+    assert got[1]["floor_ms"] == pytest.approx(2 * macs / 400e9 * 1e3)
+    assert got[1]["x_floor"] == pytest.approx(got[1]["p50_ms"] / got[1]["floor_ms"])
+    assert got[0]["ceiling"] == ceiling
+    with pytest.raises(ValueError, match="--num_eval"):
+        bench_script.bench_models([tiny_registered], **{**kw, "num_eval": -1})
+
+
+def tiny_registered_model():
+    return _tiny_conv(size=24, classes=10)

@@ -30,10 +30,13 @@ falls apart into many partitions with int8 ops on the slow builtin kernels. Here
    `tf.lite.experimental.QuantizationDebugger` does) and quantized with
    `convert.mlir_quantize(..., denylisted_nodes=...)` (the debugger's
    `get_nondebug_quantized_model`), keeping in float: every op of a Keras LayerNormalization
-   (matched by layer name), every op of a float-only type in XNNPACK int8, and the layers whose
-   int8 kernel XNNPACK can run much slower than its float one (`slow_int8_layers`: a depthwise
-   convolution with a channel multiplier > 1, which int8 runs as a grouped convolution of tiny
-   groups, on AMX tiles where the CPU has them; the audit counts these as float heavy ops);
+   and of a `models.layers.AxisSoftmax` (matched by layer name), every op of a float-only type in
+   XNNPACK int8, the layers whose int8 kernel XNNPACK can run slower than its float one
+   (`slow_int8_layers`: a depthwise convolution with a channel multiplier > 1, which int8 runs
+   as a grouped convolution of tiny groups, on AMX tiles where the CPU has them, and
+   Mobile-Former's dynamic ReLUs, whose int8 MULs have no wide x86 kernel; the audit counts the
+   convolutions as float heavy ops), and the PADs feeding only float ops (fused into the float
+   convolution then);
 2. the right-hand input of every int8 BATCH_MATMUL (k for q·kᵀ, v for attn·v) gets zero point 0:
    XNNPACK rejects a non-zero RHS zero point, and the converter has no option for a symmetric
    activation, so the flatbuffer is edited in place (`symmetric_bmm=True`; the tensors joined to
@@ -69,6 +72,7 @@ import numpy as np
 
 from compress.tflite_file import TFLiteFile
 from models.compat import keras, tf
+from models.layers import AxisSoftmax
 
 FORMATS = ("fp32", "fp16", "drq", "int8", "int16x8", "fp32_sparse", "int8_sparse")
 NEEDS_REPRESENTATIVE = ("int8", "int16x8", "int8_sparse")
@@ -120,7 +124,7 @@ def slow_int8_layers(model) -> dict[str, str]:
     return out
 
 
-def _layers_matching(model, globs: Iterable[str]) -> list[str]:
+def layers_matching(model, globs: Iterable[str]) -> list[str]:
     """Names of the layers matching any glob (tfmot's `quant_` prefix ignored); ValueError for a
     glob that matches none."""
     names = [layer.name for layer in model.layers]
@@ -483,10 +487,11 @@ def export_tflite(
     t0 = time.perf_counter()
     conv = _configure(_converter(model, input_size), fmt, rep, strict_int8 and not friendly)
     if friendly:
-        ln = _layer_names_of(model, keras.layers.LayerNormalization)
+        ln = (_layer_names_of(model, keras.layers.LayerNormalization)
+              + _layer_names_of(model, AxisSoftmax))  # explicit softmax ops stay float too
         slow = sorted(slow_int8_layers(model))
         info["slow_int8_float_layers"] = len(slow)
-        chosen = _layers_matching(model, float_layers)
+        chosen = layers_matching(model, float_layers)
         data = _int8_xnnpack_friendly(conv, ln + slow + chosen, symmetric_bmm=symmetric_bmm,
                                       max_passes=max_passes, extra_float=extra_float_nodes,
                                       info=info)

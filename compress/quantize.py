@@ -220,6 +220,8 @@ QUANTIZE: dict[str, Spec] = {
                                  "converter calibrates the LN pieces"),
     "Softmax": noop("kept float on purpose: XNNPACK has no int8 SOFTMAX (INT8.md), so an int8 "
                     "softmax splits the graph; the export calibrates its output for attn·v"),
+    "AxisSoftmax": noop("a softmax written as max/exp/sum/div ops: kept float like Softmax (the "
+                        "export keeps its ops float)"),
     "Subtract": output("element-wise, not in tfmot's registry"),
     "Multiply": output("element-wise, not in tfmot's registry"),
     "Average": output("element-wise, not in tfmot's registry"),
@@ -270,9 +272,16 @@ _REFUSED = {
 }
 
 
+_SOFTMAX_CLASSES = ("Softmax", "AxisSoftmax")
+_MOVES_VALUES = ("Permute", "Reshape")
+
+
 def _feeds_only_softmax(layer) -> bool:
+    """True when every path out of `layer` reaches a softmax, through value-moving layers only."""
     outbound = [n.outbound_layer for n in getattr(layer, "_outbound_nodes", [])]
-    return bool(outbound) and all(type(o).__name__ == "Softmax" for o in outbound)
+    return bool(outbound) and all(
+        type(o).__name__ in _SOFTMAX_CLASSES
+        or (type(o).__name__ in _MOVES_VALUES and _feeds_only_softmax(o)) for o in outbound)
 
 
 def spec_for(layer) -> Spec:

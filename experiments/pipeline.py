@@ -100,10 +100,10 @@ def validate_flags() -> None:
         _fail(f"--config.prune.target_sparsity must be in [0, 1), got "
                              f"{c.prune.target_sparsity}")
     if c.export.float_layers:  # globs of student layer names: check them before any training
-        from compress.export import _layers_matching
+        from compress.export import layers_matching
 
         try:
-            _layers_matching(models.create_model(FLAGS.student, num_classes=10),
+            layers_matching(models.create_model(FLAGS.student, num_classes=10),
                              c.export.float_layers)
         except ValueError as e:
             _fail(f"--config.export.{e}")

@@ -46,7 +46,8 @@ import math
 import numpy as np
 
 from models.compat import keras, tf
-from models.layers import CUSTOM_OBJECTS, MatMul, Scale, merge_heads, split_heads
+from models.layers import (CUSTOM_OBJECTS, AxisSoftmax, MatMul, Scale, merge_heads,
+                           split_heads)
 from models.registry import register_model
 from models.vit import TakeToken
 
@@ -408,6 +409,10 @@ def former_to_mobile(x, z, *, heads: int = BRIDGE_HEADS, name: str):
     queries = the raw feature map (no projection), keys = Dense(C)(z), values = Dense(C)(z), all
     split into `heads` contiguous channel groups; softmax over the T tokens with scale
     (C/heads)^-0.5; the [HW, C] result is added to the map (no norm, no output projection).
+
+    The [HW, T] logits are transposed to [T, HW] and normalised over the T axis by
+    `AxisSoftmax` (the same function): a SOFTMAX over rows of 3-6 tokens is dominated by its
+    per-row cost in XNNPACK (see `models.layers.AxisSoftmax`).
     """
     channels = x.shape[-1]
     head_dim = channels // heads
@@ -418,8 +423,9 @@ def former_to_mobile(x, z, *, heads: int = BRIDGE_HEADS, name: str):
     v = _dense(channels, f"{name}_v")(z)
     v = split_heads(v, heads=heads, name=f"{name}_v_heads")
     attn = MatMul(transpose_b=True, name=f"{name}_qk")([q, k])  # [B, h, HW, T]
-    attn = keras.layers.Softmax(axis=-1, name=f"{name}_softmax")(attn)
-    out = MatMul(name=f"{name}_av")([attn, v])  # [B, h, HW, C/h]
+    attn = keras.layers.Permute((1, 3, 2), name=f"{name}_qk_t")(attn)  # [B, h, T, HW]
+    attn = AxisSoftmax(axis=-2, name=f"{name}_softmax")(attn)  # over the T tokens
+    out = MatMul(transpose_a=True, name=f"{name}_av")([attn, v])  # [B, h, HW, C/h]
     out = keras.layers.Permute((2, 1, 3), name=f"{name}_merge_permute")(out)  # [B, HW, h, C/h]
     out = ReshapeAs(name=f"{name}_to_map")([out, x])
     return keras.layers.Add(name=f"{name}_add")([x, out])

@@ -192,3 +192,18 @@ def test_apply_qat_on_every_registered_model(name):
     qat = Q.apply_qat(models.create_model(name, num_classes=10, input_size=size))
     out = qat(np.random.default_rng(0).random((1, size, size, 3), dtype=np.float32))
     assert out.shape == (1, 10) and np.isfinite(out.numpy()).all()
+
+
+def test_logits_reaching_a_softmax_through_a_permute_stay_float():
+    """Mobile-Former's Former->Mobile logits go through a Permute to an AxisSoftmax: no fake
+    quantizer on them, as for the logits that feed a Softmax directly."""
+    from models.layers import AxisSoftmax, MatMul
+
+    a, b = keras.Input((2, 12, 4)), keras.Input((2, 3, 4))
+    logits = MatMul(transpose_b=True, name="qk")([a, b])  # [B, 2, 12, 3]
+    direct = keras.layers.Softmax(name="sm")(MatMul(transpose_b=True, name="qk2")([a, b]))
+    t = keras.layers.Permute((1, 3, 2), name="t")(logits)
+    attn = AxisSoftmax(axis=-2, name="axis_sm")(t)
+    model = keras.Model([a, b], [attn, direct, MatMul(name="other")([direct, b])])
+    kinds = {n: Q.spec_for(model.get_layer(n)).kind for n in ("qk", "qk2", "axis_sm", "other")}
+    assert kinds == {"qk": "noop", "qk2": "noop", "axis_sm": "noop", "other": "output"}

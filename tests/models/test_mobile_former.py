@@ -618,3 +618,24 @@ def test_xnnpack_friendly_int8_runs_in_one_partition(tmp_path, rng):
     muls = {f.tensors[op.outputs[0]].dtype for op in f.ops if op.type == "MUL"
             and any(f"/{n}/" in f.tensors[op.outputs[0]].name for n in dyn)}
     assert muls == {"FLOAT32"}
+    # the Former->Mobile softmax over the tokens: explicit ops, all float, no row-wise SOFTMAX
+    sm = {(op.type, f.tensors[op.outputs[0]].dtype) for op in f.ops
+          if "_g2l_softmax/" in f.tensors[op.outputs[0]].name}
+    assert {t for t, _ in sm} == {"REDUCE_MAX", "SUB", "EXP", "SUM", "DIV"}, sm
+    assert {d for _, d in sm} == {"FLOAT32"}
+
+
+def test_axis_softmax_and_transposed_matmul(rng):
+    """The Former->Mobile attention's pieces: a softmax over a non-last axis written as its ops,
+    and attnᵀ·v."""
+    from models.layers import AxisSoftmax, MatMul
+
+    x = (5 * rng.standard_normal((2, 3, 6, 40))).astype("float32")
+    for axis in (-2, 1, -1):
+        np.testing.assert_allclose(AxisSoftmax(axis)(x).numpy(), softmax(x, axis), rtol=1e-5,
+                                   atol=1e-7)
+    a, b = rng.standard_normal((2, 3, 6, 40)), rng.standard_normal((2, 3, 6, 5))
+    got = MatMul(transpose_a=True)([a.astype("float32"), b.astype("float32")]).numpy()
+    np.testing.assert_allclose(got, a.transpose(0, 1, 3, 2) @ b, rtol=1e-5, atol=1e-5)
+    layer = MatMul.from_config(MatMul(transpose_a=True, name="m").get_config())
+    assert layer.transpose_a and not layer.transpose_b

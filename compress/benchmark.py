@@ -773,7 +773,19 @@ def benchmark_files(
                 info["note"] = "; ".join(filter(None, [info.get("note"), f"audit failed: {e}"]))
         evaluation, agree = None, None
         if dataset is not None:
-            evaluation = evaluate_tflite(path, dataset, threads=eval_threads, limit=eval_limit)
+            # evaluation runs in this process: a file that aborts XNNPACK (it can, STACK §2d;
+            # the audit probes it in a child) is scored without the delegate instead
+            runnable = audit.get("runnable") or {}
+            if "xnnpack" not in runnable:
+                from compress.audit import probe_delegation_isolated
+
+                runnable = {"xnnpack": probe_delegation_isolated(path, 1, "xnnpack")["ok"]}
+            eval_delegate = "xnnpack" if runnable["xnnpack"] else "none"
+            evaluation = evaluate_tflite(path, dataset, threads=eval_threads, limit=eval_limit,
+                                         delegate=eval_delegate)
+            if eval_delegate == "none":
+                info["note"] = "; ".join(filter(None, [
+                    info.get("note"), "XNNPACK cannot prepare the file: top-1 without it"]))
             ref = reference_predictions(path) if reference_predictions else None
             if ref is not None:
                 agree = agreement(evaluation["predictions"], np.asarray(ref)[: evaluation["n"]])

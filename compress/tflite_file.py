@@ -193,6 +193,110 @@ class TFLiteFile:
             self.tensors[i].zero_point = np.array([0], np.int64)
         return float(new_s)
 
+    def widen_narrow_ranges(self, min_width: float) -> list[int]:
+        """Widens, in place, every per-tensor calibration range (the min/max that
+        `_experimental_calibrate_only` records) narrower than `min_width` to `min_width`: kept
+        at its lower end when it is >= 0 (a ReLU output stays non-negative), centred otherwise.
+
+        Such a range comes from a unit that never fires on the calibration set or a tensor that
+        does not change (attention weights of 1/3 everywhere); quantized as it is, its scale is
+        ~1e-8, and the ops reading or writing it fail XNNPACK's scale-ratio limits, one of which
+        (FULLY_CONNECTED, ai-edge-litert 2.3.0) aborts the process with a double free.
+
+        Returns: the indices of the widened tensors.
+        """
+        out = []
+        for i in range(self._sg.TensorsLength()):
+            q = self._sg.Tensors(i).Quantization()
+            if q is None or q.MinLength() != 1 or q.MaxLength() != 1:
+                continue
+            lo, hi = q.MinAsNumpy(), q.MaxAsNumpy()  # views into the file's bytes
+            a, b = float(lo[0]), float(hi[0])
+            if not (b - a < min_width):
+                continue
+            if a >= 0.0:
+                lo[0], hi[0] = a, a + min_width
+            else:
+                mid = 0.5 * (a + b)
+                lo[0], hi[0] = mid - 0.5 * min_width, mid + 0.5 * min_width
+            out.append(i)
+        return out
+
+
+def run_in_float(model_bytes: bytes, op_indices) -> bytes:
+    """The file with the given int8 ops of the main subgraph computed in float: a DEQUANTIZE in
+    front of each int8 activation input, a QUANTIZE after each int8 output (which keeps its
+    tensor and parameters, so the rest of the graph is unchanged). Repacks the flatbuffer
+    (schema object API).
+
+    For ops XNNPACK takes in float only (GELU, HARD_SWISH, ...) that the converter quantized
+    anyway, as it does for a QAT model whose fake-quant nodes surround them: the int8 op would
+    run outside the delegate and split the graph; in float it computes what the int8 kernel
+    approximates (the same input and output quantization).
+    """
+    try:
+        from ai_edge_litert.tools import flatbuffer_utils as fbu
+    except ImportError:  # pragma: no cover
+        from tensorflow.lite.tools import flatbuffer_utils as fbu
+
+    targets = set(int(i) for i in op_indices)
+    if not targets:
+        return bytes(model_bytes)
+    m = fbu.read_model_from_bytearray(bytearray(model_bytes))
+    sg = m.subgraphs[0]
+    op = schema.BuiltinOperator
+
+    def opcode(code: int) -> int:
+        for i, oc in enumerate(m.operatorCodes):
+            if max(oc.builtinCode, oc.deprecatedBuiltinCode) == code:
+                return i
+        oc = schema.OperatorCodeT()
+        oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 2
+        m.operatorCodes.append(oc)
+        return len(m.operatorCodes) - 1
+
+    def float_twin(t: int, suffix: str) -> int:
+        src = sg.tensors[t]
+        twin = schema.TensorT()
+        twin.shape, twin.shapeSignature = src.shape, src.shapeSignature
+        twin.type = schema.TensorType.FLOAT32
+        twin.name = (src.name or b"") + suffix.encode()
+        m.buffers.append(schema.BufferT())
+        twin.buffer = len(m.buffers) - 1
+        sg.tensors.append(twin)
+        return len(sg.tensors) - 1
+
+    def convert(code: int, src: int, dst: int):
+        new = schema.OperatorT()
+        new.opcodeIndex, new.inputs, new.outputs = opcode(code), [src], [dst]
+        return new
+
+    def is_int8_activation(t: int) -> bool:
+        tt = sg.tensors[t]
+        data = m.buffers[tt.buffer].data if tt.buffer < len(m.buffers) else None
+        return tt.type == schema.TensorType.INT8 and (data is None or len(data) == 0)
+
+    ops = []
+    for i, o in enumerate(sg.operators):
+        if i not in targets:
+            ops.append(o)
+            continue
+        ins, outs, after = list(o.inputs), list(o.outputs), []
+        for j, t in enumerate(ins):
+            if t >= 0 and is_int8_activation(t):
+                ins[j] = float_twin(t, "/dequantize")
+                ops.append(convert(op.DEQUANTIZE, t, ins[j]))
+        for j, t in enumerate(outs):
+            if is_int8_activation(t):
+                outs[j] = float_twin(t, "/float")
+                after.append(convert(op.QUANTIZE, outs[j], t))
+        o.inputs, o.outputs = ins, outs
+        ops.append(o)
+        ops.extend(after)
+    sg.operators = ops
+    return bytes(fbu.convert_object_to_bytearray(m))
+
+
 def op_counts(ops) -> dict[str, int]:
     counts: dict[str, int] = {}
     for op in ops:

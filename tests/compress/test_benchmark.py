@@ -355,6 +355,35 @@ def test_benchmark_files_fills_a_workdir_and_resumes(files, tmp_path):
     assert len(res.read_results(tmp_path)) == 4
 
 
+def test_benchmark_files_scores_a_file_xnnpack_cannot_prepare_without_it(files, tmp_path,
+                                                                        monkeypatch):
+    """Evaluation runs in the pipeline's own process: a file whose XNNPACK preparation fails
+    (or aborts the process, as an edited int8 file can) is scored without the delegate, as the
+    audit's child-process probe says, and the row says so."""
+    import shutil
+
+    (tmp_path / "export").mkdir()
+    shutil.copy(files["fp32"], tmp_path / "export")
+    batches, _ = _dataset_with_known_top1(files["model"])
+    used = []
+    real = bm.evaluate_tflite
+    monkeypatch.setattr(bm, "evaluate_tflite", lambda *a, **k: used.append(k["delegate"])
+                        or real(*a, **k))
+    from compress import audit as audit_mod
+
+    real_audit = audit_mod.audit_tflite
+
+    def audit_says_xnnpack_fails(path, **k):
+        a = real_audit(path, **k)
+        return {**a, "runnable": {"xnnpack": False, "none": True}}
+
+    monkeypatch.setattr(audit_mod, "audit_tflite", audit_says_xnnpack_fails)
+    rows = bm.benchmark_files(str(tmp_path), threads=(1,), dataset=batches, eval_threads=1,
+                              log=lambda msg: None, **FAST)
+    assert used == ["none"] and rows[0]["top1"] == pytest.approx(9 / 12)
+    assert "XNNPACK cannot prepare the file" in rows[0]["note"]
+
+
 # --------------------------------------------------------------------------- compare
 
 

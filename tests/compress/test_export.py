@@ -13,7 +13,7 @@ import pytest
 import models
 from compress import audit as audit_mod
 from compress import export as export_mod
-from compress.audit import audit_tflite, make_interpreter, parity, static_costs
+from compress.audit import audit_tflite, make_interpreter, parity, run_tflite, static_costs
 from compress.export import FORMATS, export_tflite
 from compress.tflite_file import TFLiteFile
 from models.compat import keras, tf
@@ -444,3 +444,58 @@ def test_channel_selection_kernels_are_not_counted_as_weights(tmp_path):
         kernels = [f.buffer_array(op.inputs[1]) for op in f.ops if op.type == "CONV_2D"]
         assert sum(audit_mod._is_selection_kernel(k, f.tensors[op.inputs[1]].shape)
                    for k, op in zip(kernels, [o for o in f.ops if o.type == "CONV_2D"])) == 1
+
+
+def test_dead_units_get_a_usable_range_so_xnnpack_prepares_the_file(tmp_path, monkeypatch):
+    """A ReLU unit that never fires on the calibration set (trained Mobile-Former hyper-MLPs have
+    them) calibrates to the range [0, 0]; quantized as such, XNNPACK cannot prepare the next op
+    (on mobile_former_26m it aborted with a double free). Narrow ranges are widened first."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dense(16, activation="relu", name="dead")(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+    dead = model.get_layer("dead")
+    k, b = dead.get_weights()
+    dead.set_weights([k, b - 100.0])  # never fires: the head then outputs its (zero) bias
+    rep = np.random.default_rng(0).uniform(0, 1, (8, 8, 8, 3)).astype("float32")
+    path = tmp_path / "dead.int8.tflite"
+    info = export_tflite(model, path, fmt="int8", input_size=8, representative=rep)
+    assert info["widened_ranges"] == 2 and info["partitions"] == 1
+    a = audit_tflite(path)
+    assert a["runnable"]["xnnpack"] and a["undelegated_ops"] == {}
+    f = TFLiteFile(path.read_bytes())
+    out = [f.tensors[op.outputs[0]] for op in f.ops if op.type == "FULLY_CONNECTED"][0]
+    assert out.scale[0] == pytest.approx(export_mod.MIN_RANGE / 255, rel=1e-3)
+    assert out.zero_point[0] == -128  # a ReLU output stays non-negative
+    np.testing.assert_allclose(run_tflite(make_interpreter(str(path)), rep), 0.0, atol=1e-6)
+    monkeypatch.setattr(export_mod, "MIN_RANGE", 0.0)  # the failure it prevents
+    bad = export_tflite(model, tmp_path / "bad.tflite", fmt="int8", input_size=8,
+                        representative=rep)
+    assert bad["widened_ranges"] == 0 and bad["partitions"] == 0
+
+
+def test_int8_ops_xnnpack_takes_in_float_only_can_run_in_float(files, trained, tmp_path):
+    """What a QAT model's fake-quant nodes force on the converter (an int8 GELU) is run in float
+    between a DEQUANTIZE and a QUANTIZE: one partition, and the same outputs up to int8 rounding
+    (the GELU's input and output keep their quantization)."""
+    from compress.tflite_file import run_in_float
+
+    plain = TFLiteFile(files["int8_plain"]["path"])
+    gelu = [op.index for op in plain.ops if op.type == "GELU"]
+    assert gelu and all(plain.tensors[plain.ops[i].outputs[0]].dtype == "INT8" for i in gelu)
+    path = tmp_path / "gelu_in_float.tflite"
+    path.write_bytes(run_in_float(plain.data_bytes(), gelu))
+    f = TFLiteFile(path.read_bytes())
+    assert len(f.ops) == len(plain.ops) + 2 * len(gelu)
+    g = [op for op in f.ops if op.type == "GELU"]
+    assert {f.tensors[t].dtype for op in g for t in op.inputs + op.outputs} == {"FLOAT32"}
+    for op in g:  # DEQUANTIZE in front, QUANTIZE behind, into the original int8 tensor
+        assert f.ops[f.producer[op.inputs[0]]].type == "DEQUANTIZE"
+        assert [f.ops[c].type for c in f.consumers[op.outputs[0]]] == ["QUANTIZE"]
+    assert "GELU" not in audit_tflite(path)["undelegated_ops"]
+    assert "GELU" in audit_tflite(files["int8_plain"]["path"])["undelegated_ops"]
+    x = trained["calib"][:8]
+    a = run_tflite(make_interpreter(files["int8_plain"]["path"]), x)
+    b = run_tflite(make_interpreter(str(path)), x)
+    np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())

@@ -1,0 +1,143 @@
+"""Where a .tflite file's time goes under XNNPACK: one thread's invoke loop sampled with Linux
+`perf`, the samples grouped by XNNPACK kernel family, in ms per invoke.
+
+    python scripts/profile_tflite.py runs/bench/mobile_former_294m.bench.fp32.tflite \
+        runs/bench/mobile_former_294m.bench.int8.tflite [--invokes=1000]
+
+The interpreter has no per-op profiler in Python, but XNNPACK's micro-kernels keep their symbol
+names in ai-edge-litert's shared library (`xnn_qs8_qc8w_gemm_minmax_fp32_ukernel_7x16c8__avx512vnni`,
+`xnn_f32_raddstoreexpminusmax_ukernel__avx512f...`), and the name says what runs: GEMMs of
+1x1 convolutions and fully-connected layers, their int8 or float kind, depthwise convolutions,
+softmax, element-wise products, packing of a dynamic BATCH_MATMUL operand, conversions. Each
+file runs in its own `perf record` child (cpu-clock sampling, no hardware counters needed); the
+share of samples of each family times the loop's own p50 gives the ms. Only samples in the LiteRT
+library (and the libc copies it calls) count: Python, NumPy, the loader and the kernel are left
+out; weight packing at the first invoke is a negligible share of the default 1000 invokes. Needs `perf` (Debian: linux-perf) and `kernel.perf_event_paranoid` <= 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Sequence
+
+from absl import app, flags
+
+_INVOKES = flags.DEFINE_integer("invokes", 1000, "Timed invokes per file (after 10 warm-ups).")
+_THREADS = flags.DEFINE_integer("threads", 1, "Interpreter threads.")
+
+# (family, regular expression on the symbol), first match wins.
+FAMILIES = (
+    ("pack (dynamic BATCH_MATMUL operand)", r"pack"),
+    ("gemm f32 (1x1 conv, FC, BMM)", r"f32_gemm"),
+    ("igemm f32 (kxk conv, dw multiplier)", r"f32_igemm"),
+    ("gemm int8", r"qs8.*_gemm|qd8.*_gemm"),
+    ("igemm int8", r"qs8.*_igemm|qd8.*_igemm"),
+    ("depthwise conv", r"dwconv"),
+    ("softmax", r"raddstoreexpminusmax|_rmax_|compute_reciprocal|floating_point_softmax"),
+    ("mul", r"_vmul"),
+    ("add / sub", r"_vadd|_vsub|_vrsub"),
+    ("transpose / copy", r"transpose|copy|memmove|memcpy"),
+    ("quantize / dequantize", r"vcvt"),
+    ("pad", r"_pad"),
+    ("reduce", r"rsum|rdsum|reduce|rminmax"),
+    ("lookup table (int8 sigmoid, ...)", r"_lut_"),
+    ("other element-wise", r"vclamp|vsigmoid|vgelu|vrsqrt|vsqr|vlrelu|vhswish|vtanh|vsqrt|vexp"),
+    ("runtime", r"xnn_run_operator|invoke_runtime|pthreadpool|xnn_compute|memset"),
+)
+_DROPPED = re.compile(r"blas_thread|^_?Py|gc_collect|unicodekeys|visit_")
+
+# The timed loop, run under perf in a fresh interpreter (no TensorFlow import).
+_CHILD = """
+import sys, time
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+path, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+it = Interpreter(model_path=path, num_threads=threads)
+it.allocate_tensors()
+for d in it.get_input_details():
+    x = np.random.default_rng(0).uniform(-1, 1, d["shape"])
+    it.set_tensor(d["index"], x.astype(d["dtype"]))
+for _ in range(10):
+    it.invoke()
+t = []
+for _ in range(n):
+    t0 = time.perf_counter()
+    it.invoke()
+    t.append(time.perf_counter() - t0)
+print(np.median(t) * 1e3)
+"""
+
+
+def family(symbol: str) -> str | None:
+    """The kernel family of a sampled symbol, None for samples outside the interpreter's work."""
+    if _DROPPED.search(symbol):
+        return None
+    return next((name for name, rx in FAMILIES if re.search(rx, symbol)), "other")
+
+
+def _kept(dso: str, symbol: str) -> bool:
+    """Samples of the interpreter's work: the LiteRT library (XNNPACK inside it) and the libc
+    memory routines its copies call; not Python, NumPy, the loader or the kernel."""
+    return "litert" in dso.lower() or (dso.startswith("libc") and symbol.startswith("__mem"))
+
+
+def parse_report(text: str) -> dict[str, float]:
+    """`perf report --stdio --sort dso,symbol` -> {family: share of the kept samples}."""
+    shares: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[.\]\s+(\S+)", line)
+        if m and _kept(m[2], m[3]) and (fam := family(m[3])) is not None:
+            shares[fam] = shares.get(fam, 0.0) + float(m[1])
+    total = sum(shares.values())
+    return {k: v / total for k, v in shares.items()} if total else {}
+
+
+def profile(path: str, *, invokes: int = 1000, threads: int = 1) -> tuple[float, dict[str, float]]:
+    """(p50 ms of the loop, {family: ms per invoke}) for one file."""
+    if shutil.which("perf") is None:
+        raise RuntimeError("perf is not installed (Debian: apt-get install linux-perf)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such .tflite file: {path}")
+    with tempfile.TemporaryDirectory(prefix="profile_") as tmp:
+        data = os.path.join(tmp, "perf.data")
+        rec = subprocess.run(
+            ["perf", "record", "-q", "-o", data, "--", sys.executable, "-c", _CHILD, path,
+             str(invokes), str(threads)], capture_output=True, text=True)  # fmt: skip
+        if rec.returncode != 0:
+            raise RuntimeError(f"perf record failed: {rec.stderr.strip()[-300:]}")
+        p50 = float(rec.stdout.strip().splitlines()[-1])
+        rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "dso,symbol"],
+                             capture_output=True, text=True)
+    return p50, {k: v * p50 for k, v in parse_report(rep.stdout).items()}
+
+
+def format_table(paths: Sequence[str], results: Sequence[tuple[float, dict]]) -> str:
+    names = [os.path.basename(p) for p in paths]
+    width = max(38, *(len(n) for n in names))
+    fams = [f for f, _ in FAMILIES] + ["other"]
+    lines = [f"{'ms per invoke':38s}" + "".join(f"  {n:>{width}s}" for n in names),
+             f"{'p50 of the loop':38s}" + "".join(f"  {r[0]:{width}.3f}" for r in results)]
+    for f in fams:
+        if any(r[1].get(f, 0) >= 0.0005 for r in results):
+            lines.append(f"{f:38s}" + "".join(f"  {r[1].get(f, 0):{width}.3f}" for r in results))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    paths = argv[1:]
+    if not paths:
+        raise app.UsageError("give one or more .tflite files")
+    try:
+        results = [profile(p, invokes=_INVOKES.value, threads=_THREADS.value) for p in paths]
+    except (RuntimeError, FileNotFoundError) as e:
+        raise app.UsageError(str(e)) from e
+    print(format_table(paths, results))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -200,8 +200,8 @@ class TFLiteFile:
 
         Such a range comes from a unit that never fires on the calibration set or a tensor that
         does not change (attention weights of 1/3 everywhere); quantized as it is, its scale is
-        ~1e-8, and the ops reading or writing it fail XNNPACK's scale-ratio limits, one of which
-        (FULLY_CONNECTED, ai-edge-litert 2.3.0) aborts the process with a double free.
+        ~1e-8, and the ops reading or writing it fail XNNPACK's scale-ratio limits, which in
+        ai-edge-litert 2.3.0 can abort the process with a double free.
 
         Returns: the indices of the widened tensors.
         """

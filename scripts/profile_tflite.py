@@ -27,8 +27,14 @@ from typing import Sequence
 
 from absl import app, flags
 
-_INVOKES = flags.DEFINE_integer("invokes", 1000, "Timed invokes per file (after 10 warm-ups).")
-_THREADS = flags.DEFINE_integer("threads", 1, "Interpreter threads.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Only when run as a script: tests import this module beside bench_tflite, whose flags
+    share absl's global registry (a second --threads would clash)."""
+    flags.DEFINE_integer("invokes", 1000, "Timed invokes per file (after 10 warm-ups).")
+    flags.DEFINE_integer("threads", 1, "Interpreter threads.")
 
 # (family, regular expression on the symbol), first match wins.
 FAMILIES = (
@@ -133,11 +139,12 @@ def main(argv: Sequence[str]) -> None:
     if not paths:
         raise app.UsageError("give one or more .tflite files")
     try:
-        results = [profile(p, invokes=_INVOKES.value, threads=_THREADS.value) for p in paths]
+        results = [profile(p, invokes=FLAGS.invokes, threads=FLAGS.threads) for p in paths]
     except (RuntimeError, FileNotFoundError) as e:
         raise app.UsageError(str(e)) from e
     print(format_table(paths, results))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -27,7 +27,8 @@ and the int8 ADD/SUB of a LayerNorm fail its scale-ratio checks, so a plain full
 falls apart into many partitions with int8 ops on the slow builtin kernels. Here:
 
 1. the model is calibrated once (`_experimental_calibrate_only`, what
-   `tf.lite.experimental.QuantizationDebugger` does) and quantized with
+   `tf.lite.experimental.QuantizationDebugger` does), calibration ranges narrower than
+   `MIN_RANGE` (units that never fire, constant tensors) are widened, and it is quantized with
    `convert.mlir_quantize(..., denylisted_nodes=...)` (the debugger's
    `get_nondebug_quantized_model`), keeping in float: every op of a Keras LayerNormalization
    and of a `models.layers.AxisSoftmax` (matched by layer name), every op of a float-only type in
@@ -36,7 +37,8 @@ falls apart into many partitions with int8 ops on the slow builtin kernels. Here
    as a grouped convolution of tiny groups, on AMX tiles where the CPU has them, and
    Mobile-Former's dynamic ReLUs, whose int8 MULs have no wide x86 kernel; the audit counts the
    convolutions as float heavy ops), and the PADs feeding only float ops (fused into the float
-   convolution then);
+   convolution then); int8 ops of a float-only type that the quantizer makes anyway (around a
+   QAT model's fake-quant nodes) are run in float between a DEQUANTIZE and a QUANTIZE;
 2. the right-hand input of every int8 BATCH_MATMUL (k for q·kᵀ, v for attn·v) gets zero point 0:
    XNNPACK rejects a non-zero RHS zero point, and the converter has no option for a symmetric
    activation, so the flatbuffer is edited in place (`symmetric_bmm=True`; the tensors joined to

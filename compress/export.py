@@ -316,7 +316,7 @@ def _bmm_rhs_groups(f: TFLiteFile) -> list[list[int]]:
         rhs = f.tensors[op.inputs[1]]
         if rhs.dtype != "INT8" or rhs.zero_point is None or rhs.index in done:
             continue
-        if int(rhs.zero_point[0]) == 0:
+        if int(rhs.zero_point[0]) == 0 or rhs.has_data:
             continue
         group, stack, ok = set(), [rhs.index], True
         while stack:
@@ -356,7 +356,26 @@ def symmetric_bmm_rhs(model_bytes: bytes) -> tuple[bytes, int]:
     groups = _bmm_rhs_groups(f)
     for g in groups:
         f.set_symmetric_quantization(g)
-    return f.data_bytes(), len(groups)
+    constants = _bmm_constant_rhs(f)
+    for t in constants:
+        f.requantize_constant_symmetric(t)
+    return f.data_bytes(), len(groups) + len(constants)
+
+
+def _bmm_constant_rhs(f: TFLiteFile) -> list[int]:
+    """Constant per-tensor int8 right-hand BATCH_MATMUL inputs with a non-zero zero point that
+    nothing else reads (Mobile-Former's first bridge: its tokens are the learned constants)."""
+    out = []
+    for op in f.ops:
+        if op.type != "BATCH_MATMUL" or len(op.inputs) < 2:
+            continue
+        rhs = f.tensors[op.inputs[1]]
+        if (rhs.has_data and rhs.dtype == "INT8" and rhs.scale is not None
+                and rhs.scale.size == 1 and rhs.zero_point is not None
+                and int(rhs.zero_point[0]) != 0 and f.consumers.get(rhs.index) == [op.index]
+                and rhs.index not in out):
+            out.append(rhs.index)
+    return out
 
 
 def _float_only_ops_in_float(model_bytes: bytes, info: dict) -> bytes:

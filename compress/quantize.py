@@ -245,6 +245,8 @@ QUANTIZE: dict[str, Spec] = {
     "GroupSplit": noop("channel split: moves values"),
     "ChannelRepeat": noop("repeats channels (a one-hot 1x1 conv, exact in int8): moves values"),
     "ReshapeAs": noop("reshape: moves values"),
+    "HeadBlocks": noop("per-head copies with other heads' channels zeroed: moves values"),
+    "HeadDiagonal": noop("picks each channel from its head's block: moves values"),
     "Resize": noop("resize: int8 RESIZE keeps its input's scale"),
     "HardSigmoid": output("relu6(x+3)/6: output quantized"),
     "HardSwish": output("x*relu6(x+3)/6: output quantized"),

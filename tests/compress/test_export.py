@@ -499,3 +499,35 @@ def test_int8_ops_xnnpack_takes_in_float_only_can_run_in_float(files, trained, t
     a = run_tflite(make_interpreter(files["int8_plain"]["path"]), x)
     b = run_tflite(make_interpreter(str(path)), x)
     np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())
+
+
+def test_constant_right_hand_matmul_input_is_made_symmetric(tmp_path):
+    """A BATCH_MATMUL whose right-hand input is computed from learned constants only (Mobile-
+    Former's first bridge: its tokens are the learned ones) gets a constant int8 operand with
+    a non-zero zero point, which XNNPACK refuses: it is re-encoded with zero point 0 and the op
+    stays int8, in one partition."""
+    from models.mobile_former import GlobalTokens
+
+    inputs = keras.Input((S, S, 3), name="image")
+    x = keras.layers.Conv2D(8, 4, strides=4, activation="relu", name="conv")(inputs)
+    flat = keras.layers.Reshape((-1, 8), name="flat")(x)
+    q = GlobalTokens(3, 8, name="tokens")(inputs)
+    q = keras.layers.Dense(8, name="q")(q)  # constant-folded: a learned [3, 8] operand
+    s = MatMul(transpose_b=True, name="qk")([flat, q])
+    s = keras.layers.Flatten(name="flatten")(s)
+    model = keras.Model(inputs, keras.layers.Dense(CLASSES, name="head")(s))
+    rng = np.random.default_rng(0)
+    rep = rng.uniform(0, 1, (8, S, S, 3)).astype("float32")
+    path = tmp_path / "const_rhs.int8.tflite"
+    info = export_tflite(model, path, fmt="int8", input_size=S, representative=rep)
+    assert info["partitions"] == 1 and info["passes"] == 1 and info["bmm_rhs_symmetric"] == 1
+    f = TFLiteFile(path.read_bytes())
+    (bmm,) = [op for op in f.ops if op.type == "BATCH_MATMUL"]
+    lhs, rhs = (f.tensors[i] for i in bmm.inputs[:2])
+    assert lhs.dtype == rhs.dtype == "INT8" and rhs.has_data and rhs.zero_point[0] == 0
+    # the operand holds the learned values up to the converter's half step (of an asymmetric
+    # scale, smaller than the new one) plus the re-encoding's half step
+    want = model.get_layer("q")(model.get_layer("tokens")(rep[:1])).numpy()[0]
+    got = f.buffer_array(rhs.index).astype(np.float32).reshape(want.shape) * rhs.scale[0]
+    np.testing.assert_allclose(got, want, atol=rhs.scale[0] * 1.001)
+    assert parity(model, path, rep)["rel_l2"] < 0.05

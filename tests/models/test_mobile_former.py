@@ -590,6 +590,39 @@ def test_tflite_26m_grouped_form_fp32_builtin():
     check_grouped_form(model, 224)
 
 
+def test_bridges_never_pack_the_feature_map(tmp_path):
+    """Every BATCH_MATMUL that reads a feature map has it as the left-hand operand, which XNNPACK
+    uses in place; the right-hand one, packed at each invoke, is the small token-side operand.
+    (The converter swaps the operands of a matmul followed by a transpose: the bridges are laid
+    out so that it has nothing to swap.)"""
+    from compress.export import export_tflite
+    from compress.tflite_file import TFLiteFile
+
+    keras.backend.clear_session()
+    model = mf.build_mobile_former(num_classes=4, input_size=64, groups=1, **TINY)
+    export_tflite(model, tmp_path / "mf.tflite", fmt="fp32", input_size=64)
+    f = TFLiteFile(tmp_path / "mf.tflite")
+    pixels = {32 * 32, 16 * 16}  # the stages' HW at 64 px
+    bmms = [op for op in f.ops if op.type == "BATCH_MATMUL"]
+    map_bmms = [op for op in bmms
+                if any(set(f.tensors[i].shape) & pixels for i in op.inputs[:2])]
+    assert len(map_bmms) == 3 * 4 + 2  # 3 bridged blocks x 2 bridges x 2 matmuls + final_l2g
+    for op in map_bmms:
+        lhs, rhs = (f.tensors[i] for i in op.inputs[:2])
+        assert np.prod(rhs.shape) < np.prod(lhs.shape), (lhs.name, lhs.shape, rhs.shape)
+
+
+def test_head_blocks_and_head_diagonal_invert_each_other(rng):
+    x = rng.normal(size=(2, 3, 8)).astype("float32")
+    blocks = mf.HeadBlocks(2)(x).numpy()
+    assert blocks.shape == (2, 6, 8)
+    np.testing.assert_array_equal(blocks[:, :3, :4], x[:, :, :4])
+    np.testing.assert_array_equal(blocks[:, :3, 4:], 0)
+    np.testing.assert_array_equal(blocks[:, 3:, 4:], x[:, :, 4:])
+    np.testing.assert_array_equal(blocks[:, 3:, :4], 0)
+    np.testing.assert_array_equal(mf.HeadDiagonal(2)(blocks).numpy(), x)
+
+
 def test_xnnpack_friendly_int8_runs_in_one_partition(tmp_path, rng):
     """The bridges feed feature maps straight into BATCH_MATMULs; making those inputs symmetric
     must carry through the PADs of the next strided depthwise conv, or XNNPACK refuses the file."""

@@ -38,8 +38,9 @@ Differences from the reference:
     block-diagonal token operands (`HeadBlocks`: each head's tokens with the other heads'
     channels zeroed), instead of splitting the map into heads: the same function and
     parameters, no transposes or dynamic-operand packing of the map (int8 mobile_former_26m
-    2.14 -> 1.96 ms, 294m 4.54 -> 4.20 ms, 508m 6.47 -> 6.14 ms; fp32 unchanged; one thread,
-    Zen 5 VM, medians of interleaved fresh processes);
+    2.30 -> 2.03 ms, 294m 4.51 -> 3.94 ms, 508m 6.66 -> 5.61 ms; fp32 within noise; one thread,
+    Zen 5 VM, medians of 5 interleaved fresh processes); their zero blocks add 2-4% to the
+    model's MACs;
   * the only other code paths of the reference (gbr_type 'mlp', hyper_token_id -1, 'sepdw' /
     'maxdw' convs, drop-branch, `remove_proj_local=False`) are not used by any variant and are
     not ported.

@@ -306,17 +306,23 @@ def _with_feeding_pads(f: TFLiteFile, nodes: set[str]) -> set[str]:
     return nodes
 
 
-def _bmm_rhs_groups(f: TFLiteFile) -> list[list[int]]:
-    """Tensor groups, one per int8 BATCH_MATMUL right-hand input with a non-zero zero point,
-    closed under same-scale ops (RESHAPE/TRANSPOSE/...); groups reaching a constant are skipped."""
-    groups, done = [], set()
+def _asymmetric_bmm_rhs(f: TFLiteFile):
+    """(op, right-hand tensor) of every int8 BATCH_MATMUL whose right-hand input has a non-zero
+    zero point, which XNNPACK refuses."""
     for op in f.ops:
         if op.type != "BATCH_MATMUL" or len(op.inputs) < 2:
             continue
         rhs = f.tensors[op.inputs[1]]
-        if rhs.dtype != "INT8" or rhs.zero_point is None or rhs.index in done:
-            continue
-        if int(rhs.zero_point[0]) == 0 or rhs.has_data:
+        if rhs.dtype == "INT8" and rhs.zero_point is not None and int(rhs.zero_point[0]) != 0:
+            yield op, rhs
+
+
+def _bmm_rhs_groups(f: TFLiteFile) -> list[list[int]]:
+    """Tensor groups, one per int8 BATCH_MATMUL right-hand activation with a non-zero zero point,
+    closed under same-scale ops (RESHAPE/TRANSPOSE/...); groups reaching a constant are skipped."""
+    groups, done = [], set()
+    for _, rhs in _asymmetric_bmm_rhs(f):
+        if rhs.has_data or rhs.index in done:
             continue
         group, stack, ok = set(), [rhs.index], True
         while stack:
@@ -365,17 +371,9 @@ def symmetric_bmm_rhs(model_bytes: bytes) -> tuple[bytes, int]:
 def _bmm_constant_rhs(f: TFLiteFile) -> list[int]:
     """Constant per-tensor int8 right-hand BATCH_MATMUL inputs with a non-zero zero point that
     nothing else reads (Mobile-Former's first bridge: its tokens are the learned constants)."""
-    out = []
-    for op in f.ops:
-        if op.type != "BATCH_MATMUL" or len(op.inputs) < 2:
-            continue
-        rhs = f.tensors[op.inputs[1]]
-        if (rhs.has_data and rhs.dtype == "INT8" and rhs.scale is not None
-                and rhs.scale.size == 1 and rhs.zero_point is not None
-                and int(rhs.zero_point[0]) != 0 and f.consumers.get(rhs.index) == [op.index]
-                and rhs.index not in out):
-            out.append(rhs.index)
-    return out
+    return [rhs.index for op, rhs in _asymmetric_bmm_rhs(f)
+            if rhs.has_data and rhs.scale is not None and rhs.scale.size == 1
+            and f.consumers.get(rhs.index) == [op.index]]
 
 
 def _float_only_ops_in_float(model_bytes: bytes, info: dict) -> bytes:

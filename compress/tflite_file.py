@@ -124,11 +124,9 @@ class TFLiteFile:
             zero_point=zp,
         )
 
-    def buffer_array(self, tensor: int) -> np.ndarray | None:
-        """The stored values of a constant tensor as a flat numpy array (None if not constant).
-
-        For a sparse tensor these are the stored (non-pruned block) values only.
-        """
+    def _buffer_view(self, tensor: int) -> np.ndarray | None:
+        """The stored values of a constant tensor as a flat array viewing the file's bytes
+        (writes edit the file); None if not constant or of an unknown type."""
         t = self.tensors[tensor]
         dtype = {"FLOAT32": np.float32, "FLOAT16": np.float16, "INT8": np.int8,
                  "UINT8": np.uint8, "INT16": np.int16, "INT32": np.int32,
@@ -136,11 +134,19 @@ class TFLiteFile:
         if not t.has_data or dtype is None:
             return None
         buf = self._model.Buffers(t.buffer)
-        if buf.Offset() > 1:
-            raw = bytes(self._buf[buf.Offset(): buf.Offset() + buf.Size()])
+        if buf.Offset() > 1:  # large models keep data after the flatbuffer
+            raw = memoryview(self._buf)[buf.Offset(): buf.Offset() + buf.Size()]
         else:
-            raw = buf.DataAsNumpy().tobytes()
+            raw = buf.DataAsNumpy()  # a uint8 view into the file's bytes
         return np.frombuffer(raw, dtype=dtype)
+
+    def buffer_array(self, tensor: int) -> np.ndarray | None:
+        """The stored values of a constant tensor as a flat numpy array (None if not constant).
+
+        For a sparse tensor these are the stored (non-pruned block) values only.
+        """
+        view = self._buffer_view(tensor)
+        return None if view is None else view.copy()
 
     def data_bytes(self) -> bytes:
         return bytes(self._buf)
@@ -205,12 +211,7 @@ class TFLiteFile:
         if (t.dtype != "INT8" or not t.has_data or t.scale is None or t.scale.size != 1
                 or t.zero_point is None):
             raise ValueError(f"tensor {t.name!r} is not a per-tensor int8 constant")
-        buf = self._model.Buffers(t.buffer)
-        if buf.Offset() > 1:
-            data = np.frombuffer(memoryview(self._buf)[buf.Offset(): buf.Offset() + buf.Size()],
-                                 np.int8)
-        else:
-            data = buf.DataAsNumpy().view(np.int8)  # a view into the file's bytes
+        data = self._buffer_view(tensor)
         s, z = self._quant_vectors(tensor)
         values = (data.astype(np.float32) - float(z[0])) * float(s[0])
         new_s = np.float32(max(float(np.abs(values).max()), 1e-12) / 127.0)

@@ -412,6 +412,16 @@ def _flat_map(x, name: str):
     return keras.layers.Reshape((-1, x.shape[-1]), name=name)(x)
 
 
+def _logits_by_head(attn, *, heads: int, tokens: int, name: str):
+    """Bridge logits [B, HW, heads*T] -> [B, heads, T, HW] (a reshape, then a transpose).
+
+    The converter folds a transpose that directly follows a matmul into it by swapping the
+    operands, which would make the feature map the packed right-hand operand; the reshape in
+    between keeps them apart (`test_bridges_never_pack_the_feature_map`)."""
+    attn = keras.layers.Reshape((-1, heads, tokens), name=f"{name}_qk_heads")(attn)
+    return keras.layers.Permute((2, 3, 1), name=f"{name}_qk_t")(attn)
+
+
 def mobile_to_former(x, z, *, heads: int = BRIDGE_HEADS, name: str):
     """Mobile->Former bridge (`Local2Global`, gbr_type 'attn', dynamic gate, post-LN).
 
@@ -427,9 +437,7 @@ def mobile_to_former(x, z, *, heads: int = BRIDGE_HEADS, name: str):
     [C, heads*T] = mapᵀ·attnᵀ (XNNPACK transposes the left operand; the small attn is the
     packed one, in the transposed layout that its fast packing kernels take), whose
     head-diagonal blocks (`HeadDiagonal`) are the output. The zero blocks double this bridge's
-    (small) MACs. (The converter folds a transpose that directly follows a matmul into it by
-    swapping the operands, which would make the map the packed operand; the reshape before
-    the transpose keeps them apart.)
+    (small) MACs.
     """
     channels, dim = x.shape[-1], z.shape[-1]
     head_dim = channels // heads
@@ -439,8 +447,7 @@ def mobile_to_former(x, z, *, heads: int = BRIDGE_HEADS, name: str):
     kv = _flat_map(x, f"{name}_kv_flat")  # [B, HW, C]
     tokens = z.shape[-2]
     attn = MatMul(transpose_b=True, name=f"{name}_qk")([kv, q])  # [B, HW, h*T]
-    attn = keras.layers.Reshape((-1, heads, tokens), name=f"{name}_qk_heads")(attn)
-    attn = keras.layers.Permute((2, 3, 1), name=f"{name}_qk_t")(attn)  # [B, h, T, HW]
+    attn = _logits_by_head(attn, heads=heads, tokens=tokens, name=name)  # [B, h, T, HW]
     attn = keras.layers.Softmax(axis=-1, name=f"{name}_softmax")(attn)  # over HW
     attn = keras.layers.Reshape((heads * tokens, -1), name=f"{name}_attn_flat")(attn)
     out = MatMul(transpose_a=True, transpose_b=True, name=f"{name}_av")([kv, attn])  # [B, C, h*T]
@@ -491,8 +498,7 @@ def former_to_mobile(x, z, *, heads: int = BRIDGE_HEADS, name: str):
     per head over its T tokens by `AxisSoftmax` on their [heads, T, HW] transpose (a SOFTMAX
     over rows of 3-6 tokens is dominated by its per-row cost in XNNPACK, see
     `models.layers.AxisSoftmax`), output [HW, C] = attnᵀ·HeadBlocks(v): the map is neither
-    split into heads nor transposed (the reshape before the transpose keeps the converter from
-    swapping the first product's operands, as in `mobile_to_former`).
+    split into heads nor transposed.
     """
     channels = x.shape[-1]
     head_dim = channels // heads
@@ -504,8 +510,7 @@ def former_to_mobile(x, z, *, heads: int = BRIDGE_HEADS, name: str):
     v = _dense(channels, f"{name}_v")(z)
     v = HeadBlocks(heads, name=f"{name}_v_heads")(v)  # [B, h*T, C]
     attn = MatMul(transpose_b=True, name=f"{name}_qk")([q, k])  # [B, HW, h*T]
-    attn = keras.layers.Reshape((-1, heads, tokens), name=f"{name}_qk_heads")(attn)
-    attn = keras.layers.Permute((2, 3, 1), name=f"{name}_qk_t")(attn)  # [B, h, T, HW]
+    attn = _logits_by_head(attn, heads=heads, tokens=tokens, name=name)  # [B, h, T, HW]
     attn = AxisSoftmax(axis=-2, name=f"{name}_softmax")(attn)  # over each head's T tokens
     attn = keras.layers.Reshape((heads * tokens, -1), name=f"{name}_attn_flat")(attn)
     out = MatMul(transpose_a=True, name=f"{name}_av")([attn, v])  # [B, HW, C]

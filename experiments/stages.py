@@ -32,7 +32,7 @@ class Run:
     def __init__(self, *, student, teacher, data, workdir, config, strategy="default",
                  export_size=None, overwrite=False):
         from compress import training
-        from experiments import input_pipeline
+        from experiments import data as input_data
 
         self.student, self.teacher_arg, self.data = student, teacher, data
         self.workdir = pathlib.Path(workdir)
@@ -43,9 +43,9 @@ class Run:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tb = self.workdir / "tb"
         d = config.data
-        self.train_src = input_pipeline.load_source(data, "train",
+        self.train_src = input_data.load_source(data, "train",
                                                     limit_per_class=d.train_per_class or None)
-        self.val_src = input_pipeline.load_source(data, "val",
+        self.val_src = input_data.load_source(data, "val",
                                                   limit_per_class=d.val_per_class or None)
         self.num_classes = self.train_src.num_classes
         self.strategy = training.get_strategy(strategy)
@@ -78,7 +78,7 @@ class Run:
 
     # --------------------------------------------------------------------------- data helpers
     def _sampler(self, section, *, size=None, batch=None):
-        from experiments.input_pipeline import MultiScaleSampler
+        from experiments.data import MultiScaleSampler
 
         if size is not None:
             return MultiScaleSampler.fixed(size, batch, num_replicas=self.replicas)
@@ -90,25 +90,26 @@ class Run:
                                  seed=self.cfg.seed, num_replicas=self.replicas)
 
     def _train_ds_factory(self, sampler):
-        from experiments import input_pipeline
+        from experiments import data as input_data
 
         d = self.cfg.data
-        augment = input_pipeline.Augment(scale=(d.scale_min, 1.0),
+        augment = input_data.Augment(scale=(d.scale_min, 1.0),
                                          randaugment=2 if d.randaugment else 0,
                                          mixup_alpha=d.mixup, cutmix_alpha=d.cutmix)
 
         def make(start_step: int):
-            return input_pipeline.train_dataset(self.train_src, sampler, start_step=start_step,
-                                                augment=augment, seed=self.cfg.seed)
+            return input_data.train_dataset(self.train_src, sampler, start_step=start_step,
+                                            augment=augment, seed=self.cfg.seed,
+                                            crop_pct=d.crop_pct)
 
         return make
 
     def _val_ds(self, size, limit=None):
-        from experiments import input_pipeline
+        from experiments import data as input_data
 
-        return input_pipeline.eval_dataset(self.val_src, size=size,
-                                           batch_size=self.cfg.eval_batch_size,
-                                           crop_pct=self.cfg.data.crop_pct, limit=limit)
+        return input_data.eval_dataset(self.val_src, size=size,
+                                       batch_size=self.cfg.eval_batch_size,
+                                       crop_pct=self.cfg.data.crop_pct, limit=limit)
 
     # --------------------------------------------------------------------------- model helpers
     def build_student(self, input_size=None, *, training_heads=False):
@@ -208,16 +209,17 @@ class Run:
         return correct / max(total, 1)
 
     def _student_fit(self, stage, section, *, kind, alpha, student_fn, tb_name, callbacks_fn=None):
+        """Train a student with `section`'s optimiser, sampler and temperature."""
         from compress.distill import Distiller
 
         teacher, teacher_size = self.load_teacher() if kind != "none" else (None, None)
 
         def build():
             return Distiller(student_fn(), teacher, kind=kind, alpha=alpha,
-                             temperature=self.cfg.distill.temperature, teacher_size=teacher_size,
+                             temperature=section.temperature, teacher_size=teacher_size,
                              label_smoothing=section.label_smoothing)
 
-        sampler = self._sampler(self.cfg.distill)
+        sampler = self._sampler(section)
         return self._fit(stage, build, sampler, section, tb_name=tb_name,
                          eval_size=self.export_size, callbacks_fn=callbacks_fn)
 
@@ -267,7 +269,7 @@ class Run:
                                        **self._prune_kwargs())
 
         distiller, m = self._student_fit(
-            stage, p, kind=self.cfg.distill.kind, alpha=p.kd_alpha, student_fn=student_fn,
+            stage, p, kind=p.kind, alpha=p.kd_alpha, student_fn=student_fn,
             tb_name="prune", callbacks_fn=lambda: prune.pruning_callbacks(str(self.tb / "prune")))
         stripped = prune.strip(distiller.student)
         report = prune.sparsity_report(stripped)
@@ -289,7 +291,7 @@ class Run:
             return quantize.apply_qat(self._load_student(source, training_heads=True),
                                       preserve_sparsity=q.preserve_sparsity and source == "prune")
 
-        distiller, m = self._student_fit(stage, q, kind=self.cfg.distill.kind, alpha=q.kd_alpha,
+        distiller, m = self._student_fit(stage, q, kind=q.kind, alpha=q.kd_alpha,
                                          student_fn=student_fn, tb_name="qat")
         stage.save_weights(distiller.student)
         stage.save_model_json(name=self.student, num_classes=self.num_classes,
@@ -317,11 +319,12 @@ class Run:
     def stage_export(self, stage: StageDir) -> None:
         from compress.audit import audit_tflite
         from compress.export import export_tflite
-        from experiments.input_pipeline import representative_images
+        from experiments.data import representative_images
 
         e, size = self.cfg.export, self.export_size
         stage.begin({"size": size, **e.to_dict()})
-        rep = representative_images(self.train_src, size, e.representative_images)
+        rep = representative_images(self.train_src, size, e.representative_images,
+                                    seed=self.cfg.seed, crop_pct=self.cfg.data.crop_pct)
         manifest_path = stage.path / "manifest.json"
         manifest = read_json(manifest_path) if manifest_path.exists() else {}
         for stage_name in EXPORT_STAGES:

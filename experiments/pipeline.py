@@ -105,7 +105,7 @@ def validate_flags() -> None:
         _fail(f"--config.prune.target_sparsity must be in [0, 1), got "
                              f"{c.prune.target_sparsity}")
     if c.export.float_layers:  # globs of student layer names: check them before any training
-        from compress.export import layers_matching
+        from compress.tflite.fast_int8 import layers_matching
 
         try:
             layers_matching(models.create_model(FLAGS.student, num_classes=10),

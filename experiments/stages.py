@@ -317,8 +317,8 @@ class Run:
         return infer
 
     def stage_export(self, stage: StageDir) -> None:
-        from compress.audit import audit_tflite
-        from compress.export import export_tflite
+        from compress.tflite.audit import audit_tflite
+        from compress.tflite.convert import export_tflite
         from experiments.data import representative_images
 
         e, size = self.cfg.export, self.export_size
@@ -348,16 +348,16 @@ class Run:
         stage.finish({"files": sorted(manifest)})
 
     def _forget_results(self, rel: str) -> None:
-        from compress import results
+        from compress.results import table
 
-        if os.path.exists(results.results_path(str(self.workdir))):
-            rows = [r for r in results.read_results(str(self.workdir)) if r["path"] != rel]
-            results.write_results(str(self.workdir), rows, merge=False)
+        if os.path.exists(table.results_path(str(self.workdir))):
+            rows = [r for r in table.read_results(str(self.workdir)) if r["path"] != rel]
+            table.write_results(str(self.workdir), rows, merge=False)
 
     # ------------------------------------------------------------------------------- benchmark
     def stage_benchmark(self, stage: StageDir) -> None:
-        from compress import benchmark
-        from compress.audit import static_costs
+        from compress.measure.costs import static_costs
+        from experiments.benchmark import benchmark_files
 
         b = self.cfg.benchmark
         stage.begin(b.to_dict())
@@ -391,7 +391,7 @@ class Run:
                     "sparsity": meta["audit"].get("sparsity")}
 
         threads = [t or os.cpu_count() for t in b.threads]
-        benchmark.benchmark_files(
+        benchmark_files(
             str(self.workdir), [str(self.workdir / r) for r in sorted(manifest)],
             threads=threads, delegates=list(b.delegates), warmup=b.warmup, runs=b.runs,
             input_size=size, dataset=val, file_info=file_info, deny_amx=b.deny_amx,
@@ -399,12 +399,13 @@ class Run:
         stage.finish({"files": len(manifest)})
 
     def stage_report(self, stage: StageDir) -> None:
-        from compress import results
+        from compress.results.hparams import write_hparams
+        from compress.results.report import write_report
 
         stage.begin({})
-        report = results.write_report(str(self.workdir), title=f"{self.student} from "
-                                      f"{self.teacher_arg} ({self.cfg.preset} preset)")
-        results.write_hparams(str(self.workdir))
+        report = write_report(str(self.workdir), title=f"{self.student} from "
+                              f"{self.teacher_arg} ({self.cfg.preset} preset)")
+        write_hparams(str(self.workdir))
         lines = ["", "## Training stages (Keras, validation split)", "",
                  "| stage | val top-1 | steps | minutes | note |", "|---|---|---|---|---|"]
         for name in ("teacher", "distill", "prune", "qat"):

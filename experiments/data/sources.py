@@ -9,7 +9,6 @@ listed in `Source.skipped` and logged, never fatal. Images always decode to 3 ch
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -19,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from compress.io import write_json
 from models.compat import tf
 
 log = logging.getLogger(__name__)
@@ -183,11 +183,7 @@ def _disk_memo(key, compute) -> np.ndarray:
         pass
     bad = compute()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"source": str(key[0]), "split": key[1],
-                                   "bad": [int(i) for i in bad]}))
-        os.replace(tmp, path)
+        write_json(path, {"source": str(key[0]), "split": key[1], "bad": [int(i) for i in bad]})
     except OSError as e:
         log.info("decode-check cache not written (%s)", e)
     return bad

@@ -30,7 +30,8 @@ _CONFIG_FILE = str(pathlib.Path(__file__).with_name("configs.py"))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("student", None, "registry name of the student (see models.list_models())")
 flags.DEFINE_string("teacher", None, "registry name of a ViT teacher (trained in the teacher "
-                    "stage), a teacher stage folder saved by this project, or a Google ViT .npz")
+                    "stage), a teacher stage folder saved by this project, or a ViT checkpoint "
+                    "to fine-tune: timm .pth/.safetensors, Hugging Face folder, Google .npz")
 flags.DEFINE_string("data", None, "folder with train/ and val/ class subfolders, or tfds:NAME")
 flags.DEFINE_string("workdir", None, "output folder (see CONTRACT.md for its layout)")
 flags.DEFINE_enum("preset", "smoke", PRESETS, "hyperparameter preset")
@@ -85,7 +86,9 @@ def validate_flags() -> None:
     if teacher not in models.list_models() and not os.path.exists(teacher):
         teachers = [n for n in models.list_models() if models.get_model_info(n).role == "teacher"]
         _fail(f"--teacher: {teacher!r} is neither a registry name ({', '.join(teachers)})"
-                             " nor an existing teacher folder or .npz file")
+              " nor an existing teacher folder or ViT checkpoint (timm .pth/.safetensors, "
+              "Hugging Face folder, Google .npz)")
+    _validate_teacher_checkpoint(teacher)
     info = models.get_model_info(FLAGS.student)
     if FLAGS.export_size is not None and (FLAGS.export_size <= 0 or
                                           FLAGS.export_size % info.size_divisor):
@@ -112,6 +115,21 @@ def validate_flags() -> None:
                              c.export.float_layers)
         except ValueError as e:
             _fail(f"--config.export.{e}")
+
+
+def _validate_teacher_checkpoint(teacher: str) -> None:
+    """A checkpoint --teacher is read and its architecture checked now (no model is built), so
+    a bad file fails in one line before any stage runs, not hours into a run."""
+    import models
+
+    if teacher in models.list_models() or os.path.isfile(os.path.join(teacher, "model.json")):
+        return  # a registry name, or a teacher stage folder saved by this project
+    from models import vit_checkpoints
+
+    try:
+        vit_checkpoints.teacher_spec(teacher, input_size=FLAGS.config.teacher.input_size)
+    except ValueError as e:
+        _fail(f"--teacher: {e}")
 
 
 def main(argv):

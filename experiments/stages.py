@@ -1,6 +1,7 @@
 """The stages of `experiments.pipeline`, each reading the previous stage's folder.
 
-teacher  -> teacher/   a ViT trained from labels, loaded from a folder, or a Google .npz fine-tuned
+teacher  -> teacher/   a ViT trained from labels, loaded from a folder, or a checkpoint fine-tuned
+                       (timm .pth/.safetensors, Hugging Face folder, Google .npz)
 distill  -> distill/   the student trained from the frozen teacher (+ a labels-only baseline)
 prune    -> prune/     magnitude pruning while the teacher keeps teaching; stored stripped
 qat      -> qat/       quantization-aware fine-tuning (sparsity preserved) with the teacher
@@ -151,7 +152,7 @@ class Run:
         t = self.cfg.teacher
         stage.begin({"teacher": self.teacher_arg, **t.to_dict()})
         arg = self.teacher_arg
-        if os.path.isdir(arg):  # a teacher stage folder saved by this project
+        if os.path.isfile(os.path.join(arg, "model.json")):  # a teacher stage folder
             src = StageDir(pathlib.Path(arg).parent, pathlib.Path(arg).name)
             spec = src.model_json()
             if spec["num_classes"] != self.num_classes:
@@ -163,42 +164,38 @@ class Run:
             top1 = self._evaluate_keras(teacher, size)
             stage.finish({"val_top1": top1, "source": arg, "trained_steps": 0})
             return
-        npz = arg if arg.endswith(".npz") else None
-        name = self._teacher_name_for_npz(npz) if npz else arg
+        from models import vit_checkpoints
+
         size = t.input_size
+        if arg in models.list_models():
+            spec, source = {"name": arg}, "scratch"
+        else:  # a timm / Hugging Face / Google checkpoint (checked by validate_flags)
+            spec, source = vit_checkpoints.teacher_spec(arg, input_size=size), arg
 
         def build():
-            m = models.create_model(name, num_classes=self.num_classes)
-            if npz:
-                from models.vit import load_google_npz
-
-                load_google_npz(m, npz)
+            m = vit_checkpoints.build_model(spec, num_classes=self.num_classes)
+            if source != "scratch":  # fine-tuned; a head of another class count is replaced
+                vit_checkpoints.load_checkpoint(m, arg)
             return Distiller(m, None, label_smoothing=t.label_smoothing)
 
         distiller, metrics = self._fit(stage, build, self._sampler(None, size=size,
                                                                    batch=t.batch_size),
                                        t, tb_name="teacher", eval_size=size)
         stage.save_weights(distiller.student)
-        stage.save_model_json(name=name, num_classes=self.num_classes, input_size=size,
-                              source=npz or "scratch")
+        stage.save_model_json(**spec, num_classes=self.num_classes, input_size=size, source=source)
         stage.finish(metrics)
 
     def load_teacher_from(self, stage):
         """The frozen teacher saved in `stage` and the input size it was trained at."""
+        from models import vit_checkpoints
+
         spec = stage.model_json()
-        teacher = models.create_model(spec["name"], num_classes=spec["num_classes"])
+        teacher = vit_checkpoints.build_model(spec, num_classes=spec["num_classes"])
         teacher.load_weights(str(stage.weights))
         teacher.trainable = False
-        return teacher, spec.get("input_size", models.get_model_info(spec["name"]).default_size)
-
-    @staticmethod
-    def _teacher_name_for_npz(path):
-        width = np.load(path)["embedding/kernel"].shape[-1]
-        by_width = {192: "vit_tiny_patch16", 384: "vit_small_patch16", 768: "vit_base_patch16"}
-        if width not in by_width:
-            raise ValueError(f"--teacher: {path} has width {width}; supported ViT widths "
-                             f"{sorted(by_width)}")
-        return by_width[width]
+        if "input_size" in spec:
+            return teacher, spec["input_size"]
+        return teacher, models.get_model_info(spec["name"]).default_size
 
     def _evaluate_keras(self, model, size) -> float:
         correct = total = 0

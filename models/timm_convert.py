@@ -1,4 +1,4 @@
-"""Convert timm (PyTorch) weights of the students into our Keras models.
+"""Convert timm (PyTorch) weights of the students and ViT teachers into our Keras models.
 
 Each family module provides `convert_timm_state_dict(model, state_dict)` taking NumPy arrays
 keyed by timm's parameter names, so the models themselves never import torch. This module
@@ -8,6 +8,7 @@ adds the reading of checkpoint files (torch is imported only here, lazily).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import numpy as np
@@ -23,33 +24,53 @@ TIMM_NAMES = {
     "efficientformer_l1": "efficientformer_l1",
     "efficientformer_l3": "efficientformer_l3",
     "efficientformer_l7": "efficientformer_l7",
+    "vit_tiny_patch16": "vit_tiny_patch16_224",
+    "vit_small_patch16": "vit_small_patch16_224",
+    "vit_base_patch16": "vit_base_patch16_224",
 }
-_FAMILY_MODULES = {"mobilevit": "models.mobilevit", "efficientformer": "models.efficientformer"}
-_HEAD_KEYS = ("head.fc.weight", "head.weight")  # MobileViT, EfficientFormer class heads
+_FAMILY_MODULES = {"mobilevit": "models.mobilevit", "efficientformer": "models.efficientformer",
+                   "vit": "models.vit_checkpoints"}
+_HEAD_KEYS = ("head.fc.weight", "head.weight")  # MobileViT; EfficientFormer and ViT class heads
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Read a timm checkpoint (`.pth`/`.pt`/`.bin` torch pickle, or `.safetensors`) as NumPy."""
+    """Read a timm checkpoint (`.pth`/`.pt`/`.bin` torch pickle, or `.safetensors`) as NumPy.
+
+    `.safetensors` needs only the `safetensors` package; a torch pickle needs PyTorch, imported
+    here only (a missing torch gets one line saying so). Half-precision tensors become float32.
+    Errors are one-line ValueErrors naming the file; callers prefix their flag.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file {path!r}")
     try:
-        if str(path).endswith(".safetensors"):
+        if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
 
-            return dict(load_file(path))
+            return {k: v.astype(np.float32) if v.dtype == np.float16 else v
+                    for k, v in load_file(path).items()}
         sys.modules.setdefault("triton", None)  # triton segfaults beside TensorFlow; CPU needs none
-        import torch
-
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"reading {path!r} (a torch pickle) needs PyTorch: pip install "
+                             "torch, or save the state dict as .safetensors") from None
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"--checkpoint: no such file {path!r}") from None
+    except ValueError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets one clear message
-        raise ValueError(f"--checkpoint: cannot read {path!r} as a timm checkpoint: {e}") from e
+        detail = " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot read {path!r} as a timm checkpoint "
+                         f"(truncated or not a state dict file?): {detail}") from e
     for key in ("state_dict", "model", "state_dict_ema"):  # training checkpoints nest it
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict):
-        raise ValueError(f"--checkpoint: {path!r} holds a {type(obj).__name__}, not a state dict")
-    return {k.removeprefix("module."): v.detach().cpu().numpy() for k, v in obj.items()}
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__} that is not a state dict of "
+                         "tensors")
+    return {k.removeprefix("module."): (v.float() if v.is_floating_point() else v)
+            .detach().cpu().numpy() for k, v in obj.items()}
 
 
 def num_classes_of(state_dict: dict[str, np.ndarray]) -> int:

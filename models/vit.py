@@ -101,24 +101,40 @@ def build_vit(
     num_classes: int = 1000,
     input_size: int | None = None,
     dropout: float = 0.0,
+    patch: int = PATCH,
+    pos_grid: int | None = None,
+    ln_eps: float = LN_EPS,
+    pre_norm: bool = False,
+    patch_bias: bool = True,
     name: str = "vit",
 ) -> keras.Model:
-    """A ViT classifier; input RGB in [0, 1] scaled as the caller's preprocessing decides."""
+    """A ViT classifier; input RGB in [0, 1] scaled as the caller's preprocessing decides.
+
+    The defaults are the registered ViT-Ti/S/B. The other options exist for checkpoints of
+    other layouts (`models.vit_checkpoints`): `pos_grid` is the patch grid the position
+    embedding is stored for (default 224 // patch; a teacher loaded from a checkpoint stores it
+    at its training size, so no resampling runs there), `ln_eps` the LayerNorm epsilon (Hugging
+    Face configs say 1e-12), `pre_norm` a LayerNorm after the embedding and `patch_bias=False`
+    a bias-free patch projection (timm's CLIP-style `pre_norm=True` ViTs).
+    """
     shape = (input_size, input_size, 3) if input_size else (None, None, 3)
     inputs = keras.Input(shape, name="image")
-    x = keras.layers.Conv2D(dim, PATCH, strides=PATCH, name="patch_embed")(inputs)
-    x = ClassTokenPosEmbed(DEFAULT_SIZE // PATCH, name="pos_embed")(x)
+    x = keras.layers.Conv2D(dim, patch, strides=patch, use_bias=patch_bias,
+                            name="patch_embed")(inputs)
+    x = ClassTokenPosEmbed(pos_grid or DEFAULT_SIZE // patch, name="pos_embed")(x)
+    if pre_norm:
+        x = keras.layers.LayerNormalization(epsilon=ln_eps, name="norm_pre")(x)
     for i in range(depth):
         p = f"block{i}"
-        y = keras.layers.LayerNormalization(epsilon=LN_EPS, name=f"{p}_ln1")(x)
+        y = keras.layers.LayerNormalization(epsilon=ln_eps, name=f"{p}_ln1")(x)
         y = multi_head_attention(y, dim=dim, heads=heads, name=f"{p}_attn")
         x = keras.layers.Add(name=f"{p}_add1")([x, y])
-        y = keras.layers.LayerNormalization(epsilon=LN_EPS, name=f"{p}_ln2")(x)
+        y = keras.layers.LayerNormalization(epsilon=ln_eps, name=f"{p}_ln2")(x)
         y = keras.layers.Dense(mlp_dim, name=f"{p}_mlp_fc1")(y)
         y = keras.layers.Activation("gelu", name=f"{p}_mlp_gelu")(y)
         y = keras.layers.Dense(dim, name=f"{p}_mlp_fc2")(y)
         x = keras.layers.Add(name=f"{p}_add2")([x, y])
-    x = keras.layers.LayerNormalization(epsilon=LN_EPS, name="norm")(x)
+    x = keras.layers.LayerNormalization(epsilon=ln_eps, name="norm")(x)
     x = TakeToken(0, name="cls_token")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="head_drop")(x)
@@ -148,8 +164,12 @@ def vit_base_patch16(*, num_classes=1000, input_size=None, **overrides):
 # Google ViT checkpoints (.npz, Flax key layout), README of google-research/vision_transformer.
 
 
-def _resample_pos_embedding(pos: np.ndarray, grid: int) -> np.ndarray:
-    """[1, 1+g*g, D] at any square grid -> [1, 1+grid*grid, D] (bicubic on the patch part)."""
+def resample_pos_embedding(pos: np.ndarray, grid: int) -> np.ndarray:
+    """[1, 1+g*g, D] at any square grid -> [1, 1+grid*grid, D] (bicubic on the patch part).
+
+    Antialiased bicubic, which equals timm's `resample_abs_pos_embed` (within 1e-5, up and
+    down), so a resampled checkpoint behaves as timm's own resampled model.
+    """
     n = pos.shape[1] - 1
     old = int(round(np.sqrt(n)))
     if old * old != n:
@@ -157,7 +177,8 @@ def _resample_pos_embedding(pos: np.ndarray, grid: int) -> np.ndarray:
     if old == grid:
         return pos
     g = tf.reshape(pos[:, 1:], (1, old, old, pos.shape[-1]))
-    g = tf.image.resize(g, (grid, grid), method="bicubic").numpy().reshape(1, grid * grid, -1)
+    g = tf.image.resize(g, (grid, grid), method="bicubic", antialias=True)
+    g = g.numpy().reshape(1, grid * grid, -1)
     return np.concatenate([pos[:, :1], g], axis=1)
 
 
@@ -203,7 +224,7 @@ def load_google_npz(model: keras.Model, path: str, *, load_head: bool | None = N
     layer("patch_embed").set_weights([get("embedding/kernel"), get("embedding/bias")])
     pe = layer("pos_embed")
     pos = get("Transformer/posembed_input/pos_embedding")
-    pe.set_weights([get("cls"), _resample_pos_embedding(pos, pe.grid)])
+    pe.set_weights([get("cls"), resample_pos_embedding(pos, pe.grid)])
     for i in range(depth):
         b, p = f"Transformer/encoderblock_{i}/", f"block{i}"
         layer(f"{p}_ln1").set_weights([get(b + "LayerNorm_0/scale"), get(b + "LayerNorm_0/bias")])

@@ -89,12 +89,12 @@ def convert(name: str, state_dict: dict[str, np.ndarray], *, input_size: int | N
     family = models.get_model_info(name).family
     module = importlib.import_module(_FAMILY_MODULES[family])
     kwargs = {"with_distillation_head": True} if family == "efficientformer" else {}
-    model = models.create_model(name, num_classes=num_classes_of(state_dict),
-                                input_size=input_size, **kwargs)
+    # a family may read the class count itself (the ViTs check the whole layout first)
+    num_classes = getattr(module, "num_classes_of", num_classes_of)(state_dict)
+    model = models.create_model(name, num_classes=num_classes, input_size=input_size, **kwargs)
     module.convert_timm_state_dict(model, state_dict)
     if kwargs:  # rebuild the inference graph (heads averaged) around the same weights
-        inference = models.create_model(name, num_classes=num_classes_of(state_dict),
-                                        input_size=input_size)
+        inference = models.create_model(name, num_classes=num_classes, input_size=input_size)
         inference.set_weights(model.get_weights())
         model = inference
     return model

@@ -308,6 +308,12 @@ def load_checkpoint(model: keras.Model, path: str) -> dict:
     return _load_timm_layout(model, state, ckpt)
 
 
+def num_classes_of(state_dict: dict[str, np.ndarray]) -> int:
+    """`models.timm_convert` entry point: the head's class count after checking the layout
+    (1000, timm's default, for a headless state dict: the head is then left fresh)."""
+    return _timm_checkpoint(state_dict, "the timm state dict").num_classes or 1000
+
+
 def convert_timm_state_dict(model: keras.Model, state_dict: dict[str, np.ndarray]) -> None:
     """`models.timm_convert` entry point: a timm ViT state dict into a registered ViT."""
     ckpt = _timm_checkpoint(state_dict, "the timm state dict")

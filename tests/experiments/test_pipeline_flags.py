@@ -42,3 +42,47 @@ def test_missing_data_folder_names_the_path():
     code, err = run("--student=mobilevit_xxs", "--teacher=vit_tiny_patch16",
                     "--data=/nonexistent/imagenette", "--workdir=/tmp/never_written")
     assert code != 0 and "/nonexistent/imagenette" in err and "Traceback" not in err
+
+
+def _bad_teacher(tmp_path, kind):
+    if kind == "random bytes .safetensors":
+        path = tmp_path / "teacher.safetensors"
+        path.write_bytes(bytes(range(256)) * 16)
+    elif kind == "resnet18 .pth":
+        timm, torch = pytest.importorskip("timm"), pytest.importorskip("torch")
+        path = tmp_path / "resnet18.pth"
+        torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    else:
+        path = tmp_path / "hf_vit"
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("random bytes .safetensors", "cannot read"),
+    ("resnet18 .pth", "is not a ViT checkpoint: expected timm ViT keys"),
+    ("folder without config.json", "folder without config.json"),
+])
+def test_bad_teacher_checkpoint_is_refused_before_any_stage(tmp_path, kind, expected):
+    path = _bad_teacher(tmp_path, kind)
+    workdir = tmp_path / "run"
+    code, err = run("--student=mobilevit_xxs", f"--teacher={path}", "--data=/nonexistent",
+                    f"--workdir={workdir}")
+    last = err.strip().splitlines()[-1]
+    assert code != 0 and "Traceback" not in err
+    assert last.startswith("FATAL Flags parsing error: --teacher: ") and str(path) in last, last
+    assert expected in last, last
+    assert not workdir.exists()  # refused before any stage (or data loading) ran
+
+
+def test_good_teacher_checkpoint_passes_flag_validation(tmp_path):
+    timm = pytest.importorskip("timm")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from timm.models.vision_transformer import VisionTransformer
+
+    tm = VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=1, num_heads=3)
+    path = tmp_path / "vit.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in tm.state_dict().items()}, path)
+    code, err = run("--student=mobilevit_xxs", f"--teacher={path}",
+                    "--data=/nonexistent/imagenette", f"--workdir={tmp_path / 'run'}")
+    assert code != 0 and "--teacher" not in err and "/nonexistent/imagenette" in err, err[-2000:]

@@ -22,8 +22,9 @@ class token (timm's `no_embed_class`). Refused in one line naming the file: glob
 heads, and any other key set that does not match (a few missing/unexpected keys are named).
 
 A teacher is described by a small spec (`teacher_spec`), saved in the teacher stage's
-`model.json` so later stages rebuild the same graph (`build_model`): a registered name with the
-position grid as override when the architecture is ViT-Ti/S/B, else the `build_vit` arguments.
+`model.json` so later stages rebuild the same graph (`build_model`): a registered ViT name and
+overrides of its `build_vit` arguments, the position grid always, and for an architecture other
+than ViT-Ti/S/B whatever differs from the registered ViT of the nearest width.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 import models
 from models import timm_convert
 from models.compat import keras
-from models.vit import _CFGS, LN_EPS, PATCH, build_vit, load_google_npz, resample_pos_embedding
+from models.vit import _CFGS, LN_EPS, PATCH, load_google_npz, resample_pos_embedding
 
 # Heads per width in timm's ViT configs (head width 64, ViT-H/g/G 16 heads); a timm state dict
 # does not store the head count.
@@ -64,6 +65,16 @@ _HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings"
            "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
 
 
+def _registered_archs():
+    """(name, build_vit arguments) of the registered ViTs."""
+    return [(f"vit_{size}_patch16", {**cfg, **_REGISTERED_DEFAULTS}) for size, cfg in _CFGS.items()]
+
+
+def _differences(arch: dict, base: dict) -> dict:
+    """The entries of `arch` (pos_grid aside) that differ from `base`."""
+    return {k: v for k, v in arch.items() if k != "pos_grid" and base.get(k) != v}
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTCheckpoint:
     """What a checkpoint says about its model."""
@@ -72,14 +83,6 @@ class ViTCheckpoint:
     layout: str  # "timm", "Hugging Face" or "google"
     arch: dict  # build_vit keyword arguments; pos_grid is the grid the checkpoint stores
     num_classes: int | None  # rows of its head; None when it has none
-
-    def registry_name(self) -> str | None:
-        """`vit_{tiny,small,base}_patch16` when the architecture is exactly that one."""
-        arch = {k: v for k, v in self.arch.items() if k != "pos_grid"}
-        for size, cfg in _CFGS.items():
-            if arch == {**cfg, **_REGISTERED_DEFAULTS}:
-                return f"vit_{size}_patch16"
-        return None
 
     def describe(self) -> str:
         a = self.arch
@@ -280,16 +283,14 @@ def teacher_spec(path: str, *, input_size: int) -> dict:
         raise ValueError(f"teacher input size {input_size} (--config.teacher.input_size) is not "
                          f"a multiple of the patch size {patch} of {path!r}")
     arch = {**ckpt.arch, "pos_grid": input_size // patch}
-    name = ckpt.registry_name()
-    if name:
-        return {"name": name, "overrides": {"pos_grid": arch["pos_grid"]}}
-    return {"name": "vit", "architecture": arch}
+    # the registered ViT of the nearest width; what differs from it goes into the overrides
+    name, base = min(_registered_archs(), key=lambda nb: abs(nb[1]["dim"] - arch["dim"]))
+    return {"name": name, "overrides": {**_differences(arch, base),
+                                        "pos_grid": arch["pos_grid"]}}
 
 
 def build_model(spec: dict, *, num_classes: int) -> keras.Model:
-    """Rebuild a teacher from its model.json fields (older files: just a registry name)."""
-    if spec.get("architecture"):
-        return build_vit(num_classes=num_classes, **spec["architecture"])
+    """Rebuild a teacher from its model.json fields (older files: a name and no overrides)."""
     return models.create_model(spec["name"], num_classes=num_classes,
                                **spec.get("overrides", {}))
 

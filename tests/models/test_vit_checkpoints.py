@@ -68,8 +68,9 @@ def test_timm_checkpoint_logits_equal_timm(tmp_path, rng, fmt, variant):
     tm = timm_vit(**variant)
     path = save(tm, tmp_path / f"vit.{fmt}")
     model, spec, summary = keras_teacher(path, input_size=32)
-    assert summary["head_loaded"] and spec["name"] == "vit"  # not a registered architecture
-    assert spec["architecture"]["pre_norm"] == variant.get("pre_norm", False)
+    assert summary["head_loaded"] and spec["name"] == "vit_tiny_patch16"  # nearest width, 192
+    assert spec["overrides"]["depth"] == 2 and spec["overrides"]["pos_grid"] == 2
+    assert spec["overrides"].get("pre_norm", False) == variant.get("pre_norm", False)
     x = rng.random((2, 32, 32, 3)).astype("float32")
     ref = torch_logits(tm, x)
     assert np.abs(ref).max() > 0.5  # the comparison is not between near-zero outputs
@@ -84,7 +85,7 @@ def test_position_embedding_resampled_as_timm_does(tmp_path, rng):
     tm = timm_vit()
     path = save(tm, tmp_path / "vit.safetensors")
     model, spec, _ = keras_teacher(path, input_size=64)
-    assert spec["architecture"]["pos_grid"] == 4
+    assert spec["overrides"]["pos_grid"] == 4
     sd = tm.state_dict()
     sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (4, 4), num_prefix_tokens=1)
     big = timm_vit(img_size=64)
@@ -145,7 +146,7 @@ def test_hugging_face_folder_logits_equal_transformers(tmp_path, rng):
     assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
     model, spec, summary = keras_teacher(str(folder), input_size=32)
     assert summary["head_loaded"]
-    assert spec["architecture"]["heads"] == 4 and spec["architecture"]["ln_eps"] == 1e-12
+    assert spec["overrides"]["heads"] == 4 and spec["overrides"]["ln_eps"] == 1e-12
     x = rng.random((2, 32, 32, 3)).astype("float32")
     ref = torch_logits(hf, x)
     assert np.abs(ref).max() > 0.5

@@ -7,12 +7,16 @@
     DIR/<stage>/ckpt/         training checkpoints for resuming
     DIR/<stage>/DONE          written last; a stage with DONE is skipped unless --overwrite
 
-Every file is written atomically (temporary file, then rename), so a kill never leaves a
-half-written artifact that a later run would trust.
+Every file is written atomically (temporary file, then rename), so a kill or a full disk never
+leaves a half-written artifact under its final name that a later run would trust.
+`DIR/.lock` is held (`fcntl.flock`) for the whole run: a second run on the same workdir is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import pathlib
@@ -22,12 +26,61 @@ import time
 import numpy as np
 
 
-def atomic_write_text(path, text: str) -> None:
+@contextlib.contextmanager
+def _atomic(path):
+    """Yields a temporary name beside `path`; renamed to `path` on success, removed on failure."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path, text: str) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_copy(src, dst) -> None:
+    """Copy `src` to `dst` atomically; refuse at once (ENOSPC, naming the bytes needed) when the
+    destination's filesystem has less free space than the file's size."""
+    size = os.path.getsize(src)
+    pathlib.Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(pathlib.Path(dst).parent).free
+    if free < size:
+        raise OSError(errno.ENOSPC, f"No space left on device: copying {src} needs {size:,} "
+                                    f"bytes, {free:,} free", str(dst))
+    with _atomic(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+class WorkdirLocked(RuntimeError):
+    """Another live process holds the workdir's lock; `pid` is the one it wrote."""
+
+    def __init__(self, path, pid):
+        super().__init__(f"{path} is locked by pid {pid}")
+        self.pid = pid
+
+
+def lock_workdir(workdir) -> int:
+    """Take `workdir/.lock` for the life of this process (the kernel drops it when the process
+    ends, crash or kill included) and write our pid in it. Returns the file descriptor (keep it
+    open). Raises WorkdirLocked naming the holder's pid, or OSError if the file cannot be made."""
+    path = pathlib.Path(workdir) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise WorkdirLocked(path, holder) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _jsonable(obj):
@@ -64,9 +117,15 @@ class StageDir:
         return (self.path / "DONE").exists()
 
     def reset(self) -> None:
-        """--overwrite: forget everything this stage computed."""
+        """--overwrite: forget everything this stage computed, DONE first (a kill part-way
+        then leaves an unfinished stage, never a stale finished one)."""
+        self.clear_done()
         if self.path.exists():
             shutil.rmtree(self.path)
+
+    def clear_done(self) -> None:
+        """Mark the stage unfinished (its outputs are no longer complete)."""
+        (self.path / "DONE").unlink(missing_ok=True)
 
     def begin(self, config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -82,9 +141,8 @@ class StageDir:
         return read_json(self.path / "model.json")
 
     def save_weights(self, model) -> None:
-        tmp = self.path / f".weights.tmp{os.getpid()}.h5"
-        model.save_weights(str(tmp))
-        os.replace(tmp, self.weights)
+        with _atomic(self.weights) as tmp:
+            model.save_weights(str(tmp))
 
     def metrics(self) -> dict:
         path = self.path / "metrics.json"

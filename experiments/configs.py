@@ -202,11 +202,11 @@ def _rules(c, size_divisor: int, teacher_divisor: int):
             sm, (multiple, text) = s.sampler, _multiple(size_divisor)
             order = (f"{text}, with min_size <= base_size <= max_size (now {sm.min_size}, "
                      f"{sm.base_size}, {sm.max_size})")
-            rules += [(f"{name}.sampler.min_size",
+            rules += [(f"{name}.sampler.base_size", multiple, text),
+                      (f"{name}.sampler.min_size",
                        lambda v, sm=sm, m=multiple: m(v) and v <= sm.base_size, order),
                       (f"{name}.sampler.max_size",
                        lambda v, sm=sm, m=multiple: m(v) and v >= sm.base_size, order),
-                      (f"{name}.sampler.base_size", multiple, text),
                       (f"{name}.sampler.n_scales", *_int(1)),
                       (f"{name}.sampler.base_batch", *_int(1))]
     return rules

@@ -74,7 +74,16 @@ flags.mark_flags_as_required(["student", "teacher", "data", "workdir"])
 
 def _fail(message: str):
     """Exit with a one-line error naming the flag (absl's format, without the help dump)."""
-    sys.exit(f"FATAL Flags parsing error: {message}")
+    sys.exit(f"FATAL Flags parsing error: {' '.join(str(message).split())}")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with its errors as one line (absl adds a second one, a pointer to
+    --helpshort, so the last line would not name the flag)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
 
 
 def check_teacher_file(path: str) -> str | None:
@@ -107,7 +116,7 @@ def check_teacher_file(path: str) -> str | None:
                         f"{sorted(by_width)} ({', '.join(by_width.values())})")
             load_google_npz(models.create_model(by_width[width], num_classes=10), path)
         except Exception as e:  # noqa: BLE001 - random bytes, a truncated zip, missing keys
-            detail = " ".join(str(e).split())[:300]
+            detail = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
             return (f"--teacher={path}: not a Google ViT .npz checkpoint "
                     f"({type(e).__name__}: {detail or 'no embedding/kernel key'})")
         return None
@@ -203,7 +212,7 @@ def _disk_full_line(e: BaseException, stage: str, workdir: str) -> str:
 
     where = getattr(e, "filename", None) or workdir
     free = shutil.disk_usage(workdir).free
-    detail = " ".join(str(e).split())[:300]
+    detail = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
     return (f"FATAL disk full in the {stage} stage writing {where}: {detail}; {free:,} bytes "
             f"free under --workdir={workdir}; free some space and run the same command again "
             "(finished stages and checkpoints are kept)")
@@ -241,7 +250,7 @@ def main(argv):
 def run_cli():
     if any(a == "--config" or a.startswith("--config=") for a in sys.argv):
         sys.exit("FATAL Flags parsing error: choose the preset with --preset, not --config")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

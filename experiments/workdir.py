@@ -35,6 +35,10 @@ def _atomic(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # name the artifact, not its temporary name (a full disk, say)
+        if e.filename is None or e.filename == str(tmp):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -149,7 +149,7 @@ class Source:
                         + (" ..." if len(bad) > 10 else ""))
             self._keep(np.setdiff1d(np.arange(n), bad))
         if self.num_examples == 0:
-            raise ValueError(f"{self.name} split {self.split!r}: no decodable images "
+            raise ValueError(f"--data={self.name}: split {self.split!r} has no decodable images "
                              f"({len(bad)} file(s) failed to decode)")
         return len(bad)
 

@@ -19,14 +19,22 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import traceback
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import compress.training  # noqa: E402,F401  (TensorFlow, imported once for every case)
+# TensorFlow and everything the pipeline imports, once for every case
+import compress.audit  # noqa: E402,F401
+import compress.benchmark  # noqa: E402,F401
+import compress.export  # noqa: E402,F401
+import compress.prune  # noqa: E402,F401
+import compress.training  # noqa: E402,F401
+import experiments.data  # noqa: E402,F401
 import experiments.stages  # noqa: E402,F401
 import models  # noqa: E402,F401
+import tensorflow_datasets  # noqa: E402,F401
 
 
 def _simulate(case):
@@ -71,8 +79,10 @@ def run_case(case, out_dir, i):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+    start = time.perf_counter()
     _, status = os.waitpid(pid, 0)
     return {"argv": case["argv"], "code": os.waitstatus_to_exitcode(status),
+            "seconds": time.perf_counter() - start,
             "stdout": out.read_text(errors="replace"), "stderr": err.read_text(errors="replace")}
 
 

@@ -37,8 +37,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     # Seeds weight initialisation, dropout, augmentation and the sampler (compress.training.seed).
     c.seed = 0
     # Deterministic TF ops (tf.config.experimental.enable_op_determinism): the same seed gives
-    # the same figures. Costs about N% of a distill step on the quick preset (README); false
-    # turns it off.
+    # the same figures; false turns it off (its cost: README, "The pipeline").
     c.deterministic = True
     # teacher and distill stages only (pruning, QAT and export run in float32)
     c.mixed_precision = "float32" if smoke else "mixed_bfloat16"

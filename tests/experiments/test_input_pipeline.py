@@ -259,8 +259,11 @@ def test_tfds_split_mapping():
         sources._map_split("val", ["train"], "--data=tfds:x")
 
 
-def test_tfds_source_offline_under_mock_data():
+def test_tfds_source_offline_under_mock_data(monkeypatch):
+    """The tfds: loader end to end without the network: mock_data stands in for the download
+    and the prepared files (the connectivity probe is told the machine is online)."""
     tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(sources, "_offline_reason", lambda: None)
     with tfds.testing.mock_data(num_examples=8):
         src = ip.load_source("tfds:imagenette/160px-v2", "val")
     assert src.num_examples == 8 and src.num_classes == 10

@@ -12,7 +12,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -167,6 +166,4 @@ def test_second_run_on_a_locked_workdir_names_the_holder(tmp_path):
         holder.wait()
     from experiments.workdir import lock_workdir
 
-    os.close(lock_workdir(tmp_path))  # released by the kill: taken again at once
-    deadline = time.time() + 1
-    assert time.time() < deadline
+    os.close(lock_workdir(tmp_path))  # released by the kill: taken again (it raises if not)

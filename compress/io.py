@@ -9,9 +9,11 @@ partial one. Only the standard library: the fresh measuring processes import thi
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator
 
@@ -36,6 +38,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         os.replace(tmp, path)
+    except OSError as e:  # name the artifact, not its temporary name (a full disk, say)
+        if e.filename in (None, tmp):
+            raise OSError(e.errno, e.strerror or str(e), path) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -49,6 +55,20 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copies `src` to `dst` atomically; refuses at once (ENOSPC, naming the bytes needed) when
+    the destination's file system has less free space than the file's size."""
+    size = os.path.getsize(src)
+    folder = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < size:
+        raise OSError(errno.ENOSPC, f"No space left on device: copying {src} needs {size:,} "
+                                    f"bytes, {free:,} free", os.fspath(dst))
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _plain(obj: Any) -> Any:

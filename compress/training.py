@@ -6,10 +6,13 @@
   * AdamW, linear warm-up then cosine decay to `min_lr` (`WarmupCosine`); no weight decay on
     biases, norms, position embeddings, class/distillation tokens and attention-bias tables
     (timm's `no_weight_decay` sets);
-  * checkpoints (`tf.train.CheckpointManager` under `<workdir>/ckpt`: student, optimizer, step)
+  * checkpoints (`tf.train.CheckpointManager` under `<workdir>/ckpt`: student, optimizer, step,
+    the state of the student's random generators (dropout) and the last steps' training losses)
     every `checkpoint_every` steps and at the end. A killed run called again restores them and
     restarts the data pipeline with `make_train_ds(start_step=step)`, so the global step, the
-    learning-rate schedule and the sampler's multi-scale plan all continue where they stopped;
+    learning-rate schedule, the sampler's multi-scale plan and the dropout draws all continue
+    where they stopped: with `set_seed(..., deterministic=True)` a resumed run ends with the
+    figures of a run never stopped;
   * TensorBoard scalars under `logdir`: `train/{loss,label_loss,kd_loss,accuracy}` (means over
     the last `log_every` steps), `train/learning_rate`, `train/images_per_sec`,
     `train/resolution` and `train/batch_size` (every step), `val/{top1,loss}` at each evaluation;
@@ -93,6 +96,33 @@ def _check_precision(student: keras.Model, policy: str | None) -> None:
             f"compress.training.set_mixed_precision({policy!r}) before building the models")
 
 
+def set_seed(seed: int, *, deterministic: bool = True) -> None:
+    """Seed every draw of the models built after it: weight initialisation (Python, NumPy and
+    TF global seeds, `keras.utils.set_random_seed`) and dropout, whose layers then draw from a
+    `tf.random.Generator` each (`enable_tf_random_generator`) that `train` checkpoints.
+    `deterministic`: also make TF ops deterministic (`enable_op_determinism`; process-wide, on
+    for the rest of the process). The input pipeline has its own seeds (experiments.data).
+    """
+    keras.backend.experimental.enable_tf_random_generator()
+    keras.utils.set_random_seed(int(seed))
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def _random_generators(model: keras.Model) -> dict:
+    """The `tf.random.Generator` of each random layer (Dropout) of `model`, by layer name.
+
+    Keras keeps them out of the layer's weights and checkpoints (`BaseRandomLayer`); layers
+    built before `set_seed` use TF1 stateful ops instead, whose state cannot be saved.
+    """
+    out = {}
+    for layer in model.submodules:
+        generator = getattr(getattr(layer, "_random_generator", None), "_generator", None)
+        if isinstance(generator, tf.random.Generator):
+            out[layer.name] = generator
+    return out
+
+
 def _is_chief(strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -158,9 +188,13 @@ def make_optimizer(variables, *, lr: float, weight_decay: float, steps: int,
 class _Engine(keras.callbacks.Callback):
     """Counts global steps; logs to TensorBoard and the console; saves checkpoints."""
 
-    def __init__(self, *, start_step, total_steps, manager, step_var, schedule, writer,
-                 checkpoint_every, log_every, verbose):
+    def __init__(self, *, start_step, total_steps, manager, step_var, recent_var, schedule,
+                 writer, checkpoint_every, log_every, verbose):
         super().__init__()
+        # (loss, accuracy) of the last len(recent) steps, row = step % len(recent); saved with
+        # each checkpoint so a resumed run reports the same training figures
+        self.recent_var = recent_var
+        self.recent = recent_var.numpy()
         self.step = start_step
         self.start_step = start_step
         self.total_steps = total_steps
@@ -204,6 +238,9 @@ class _Engine(keras.callbacks.Callback):
             if key in logs:
                 self.acc[key] = self.acc.get(key, 0.0) + float(logs[key])
         self.acc["n"] = self.acc.get("n", 0) + 1
+        self.recent[(self.step - 1) % len(self.recent)] = (
+            float(logs.get("step_loss", float("nan"))),
+            float(logs.get("step_accuracy", float("nan"))))
         self.last_logs = logs
         if self.writer is not None:
             with self.writer.as_default(step=self.step):
@@ -245,8 +282,19 @@ class _Engine(keras.callbacks.Callback):
                 self.bar.write(f"step {self.step}: val top-1 {self.val['val_top1']:.4f}  "
                                f"val loss {self.val['val_loss']:.4f}")
 
+    def train_figures(self) -> dict:
+        """Means over the last len(recent) steps (fewer in a shorter run)."""
+        import numpy as np
+
+        done = self.recent[~np.isnan(self.recent[:, 0])]
+        if not len(done):
+            return {}
+        return {"train_loss": float(np.mean(done[:, 0])),
+                "train_accuracy": float(np.mean(done[:, 1]))}
+
     def save(self):
         self.step_var.assign(self.step)
+        self.recent_var.assign(self.recent)
         self.manager.save(checkpoint_number=self.step)
         self.last_saved = self.step
         if self.writer is not None:
@@ -324,7 +372,8 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
 
     Returns:
       dict with `step`, `start_step`, `val_top1`, `val_loss` (when `val_ds`), `train_loss`,
-      `train_accuracy` (means over the last chunk), `images_per_sec` (all timed steps of this
+      `train_accuracy` (means over the last `log_every` steps, resumed runs included),
+      `images_per_sec` (all timed steps of this
       call: images / seconds), `images_per_sec_median` (median over those steps) and `wall_s`.
     """
     t0 = time.perf_counter()
@@ -352,7 +401,10 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
                                    warmup_init_lr=warmup_init_lr, clip_norm=clip_norm)
         distiller.compile(optimizer=optimizer)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        ckpt = tf.train.Checkpoint(model=student, optimizer=optimizer, step=step_var)
+        recent_var = tf.Variable(tf.fill([min(max(1, int(log_every)), steps), 2], float("nan")),
+                                 trainable=False, name="recent_train_figures")
+        ckpt = tf.train.Checkpoint(model=student, optimizer=optimizer, step=step_var,
+                                   rng=_random_generators(student), recent=recent_var)
 
     ckpt_dir = os.path.join(workdir, "ckpt")
     if not chief:  # every worker must save (collectives), only the chief's copy is kept
@@ -373,6 +425,7 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
     logdir = logdir or os.path.join(workdir, "tb")
     writer = tf.summary.create_file_writer(logdir) if chief else None
     engine = _Engine(start_step=start, total_steps=steps, manager=manager, step_var=step_var,
+                     recent_var=recent_var,
                      schedule=WarmupCosine(lr, steps, warmup_steps, min_lr, warmup_init_lr),
                      writer=writer,
                      checkpoint_every=checkpoint_every, log_every=log_every,
@@ -390,14 +443,12 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
             ds = train_ds
         return _check_divisible(ds, replicas) if replicas > 1 else ds
 
-    history = {}
     try:
         for first, per_epoch, epochs in _segments(start, steps, chunk):
             initial = first // chunk
-            h = distiller.fit(dataset_at(first), steps_per_epoch=per_epoch,
-                              initial_epoch=initial, epochs=initial + epochs,
-                              validation_data=val_ds, callbacks=all_callbacks, verbose=0)
-            history = {k: v[-1] for k, v in h.history.items()}
+            distiller.fit(dataset_at(first), steps_per_epoch=per_epoch, initial_epoch=initial,
+                          epochs=initial + epochs, validation_data=val_ds,
+                          callbacks=all_callbacks, verbose=0)
         if engine.step != steps:
             raise RuntimeError(f"trained to step {engine.step}, expected {steps}")
         if engine.last_saved != steps or not manager.latest_checkpoint:
@@ -414,9 +465,7 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
     elif val_ds is not None:  # nothing was trained (already finished): evaluate now
         res = distiller.evaluate(val_ds, verbose=0, return_dict=True)
         metrics.update(val_top1=float(res["accuracy"]), val_loss=float(res["loss"]))
-    if "loss" in history:
-        metrics.update(train_loss=float(history["loss"]),
-                       train_accuracy=float(history["accuracy"]))
+    metrics.update(engine.train_figures())
     if engine.timed_seconds:
         metrics["images_per_sec"] = engine.timed_images / engine.timed_seconds
         rates = sorted(engine.step_rates)

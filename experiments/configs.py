@@ -34,7 +34,11 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     smoke, quick = preset == "smoke", preset == "quick"
     c = ml_collections.ConfigDict()
     c.preset = preset
+    # Seeds weight initialisation, dropout, augmentation and the sampler (compress.training.seed).
     c.seed = 0
+    # Deterministic TF ops (tf.config.experimental.enable_op_determinism): the same seed gives
+    # the same figures; false turns it off (its cost: README, "The pipeline").
+    c.deterministic = True
     # teacher and distill stages only (pruning, QAT and export run in float32)
     c.mixed_precision = "float32" if smoke else "mixed_bfloat16"
 
@@ -119,3 +123,114 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     )
     c.eval_batch_size = 32 if smoke else 64
     return c
+
+
+# --------------------------------------------------------------------------------------------
+# Ranges of every numeric value, checked at flag-parsing time (experiments.pipeline), before any
+# stage runs: one line per problem, naming the key, the value and what is accepted.
+
+
+def _int(lo=None, hi=None, *, hi_name=None):
+    """An integer in [lo, hi] (`hi_name`: the key `hi` comes from, for the message)."""
+    def ok(v):
+        return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (
+            hi is None or v <= hi)
+
+    if hi is None:
+        return ok, "an integer" + (f" >= {lo}" if lo is not None else "")
+    return ok, f"an integer in [{lo}, {f'{hi_name}={hi}' if hi_name else hi}]"
+
+
+def _real(lo, hi, *, lo_open=False, hi_open=False, lo_name=None):
+    """A number between lo and hi (None: unbounded), the ends open or closed."""
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:  # NaN
+            return False
+        return (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+
+    low = f"{lo_name}={lo}" if lo_name else lo
+    if hi is None:
+        return ok, f"a number {'>' if lo_open else '>='} {low}"
+    return ok, f"a number in {'(' if lo_open else '['}{low}, {hi}{')' if hi_open else ']'}"
+
+
+def _multiple(divisor, *, zero_ok=False):
+    def ok(v):
+        return (isinstance(v, int) and not isinstance(v, bool)
+                and ((zero_ok and v == 0) or (v > 0 and v % divisor == 0)))
+
+    return ok, ("0 (the student's default size) or " if zero_ok else "") + \
+        f"a positive multiple of {divisor}"
+
+
+def _rules(c, size_divisor: int, teacher_divisor: int):
+    """(key, ok(value), accepted) for every numeric value of config `c`; bounds that depend on
+    another key (warmup_steps <= steps, begin_frac < end_frac, the sampler's size order) name
+    it in the accepted text."""
+    rules = [("seed", *_int(0)), ("eval_batch_size", *_int(1)),
+             ("data.train_per_class", *_int(0)), ("data.val_per_class", *_int(0)),
+             ("data.crop_pct", *_real(0, 1, lo_open=True)),
+             ("data.scale_min", *_real(0, 1, lo_open=True)),
+             ("data.mixup", *_real(0, None)), ("data.cutmix", *_real(0, None)),
+             ("teacher.input_size", *_multiple(teacher_divisor)),
+             ("teacher.batch_size", *_int(1)),
+             ("distill.alpha", *_real(0, 1)), ("distill.temperature", *_real(0, None, lo_open=True)),
+             ("prune.target_sparsity", *_real(0, 1, hi_open=True)),
+             ("prune.begin_frac", *_real(0, 1, hi_open=True)),
+             ("prune.end_frac", *_real(c.prune.begin_frac, 1, lo_open=True, lo_name="begin_frac")),
+             ("prune.frequency", *_int(1)),
+             ("export.size", *_multiple(size_divisor, zero_ok=True)),
+             ("export.representative_images", *_int(1)),
+             ("benchmark.warmup", *_int(0)), ("benchmark.runs", *_int(1)),
+             ("benchmark.val_limit", *_int(0))]
+    rules += [(f"benchmark.threads[{i}]", *_int(0)) for i in range(len(c.benchmark.threads))]
+    for name in ("teacher", "distill", "prune", "qat"):
+        s = c[name]
+        rules += [(f"{name}.steps", *_int(1)), (f"{name}.lr", *_real(0, None, lo_open=True)),
+                  (f"{name}.weight_decay", *_real(0, None)),
+                  (f"{name}.warmup_steps", *_int(0, s.steps, hi_name="steps")),
+                  (f"{name}.min_lr_ratio", *_real(0, 1)),
+                  (f"{name}.label_smoothing", *_real(0, 1, hi_open=True)),
+                  (f"{name}.checkpoint_every", *_int(1))]
+        if "eval_every" in s:
+            rules.append((f"{name}.eval_every", *_int(0)))
+        if name in ("prune", "qat"):
+            rules += [(f"{name}.kd_alpha", *_real(0, 1)),
+                      (f"{name}.temperature", *_real(0, None, lo_open=True))]
+        if "sampler" in s:
+            sm, (multiple, text) = s.sampler, _multiple(size_divisor)
+            order = (f"{text}, with min_size <= base_size <= max_size (now {sm.min_size}, "
+                     f"{sm.base_size}, {sm.max_size})")
+            rules += [(f"{name}.sampler.base_size", multiple, text),
+                      (f"{name}.sampler.min_size",
+                       lambda v, sm=sm, m=multiple: m(v) and v <= sm.base_size, order),
+                      (f"{name}.sampler.max_size",
+                       lambda v, sm=sm, m=multiple: m(v) and v >= sm.base_size, order),
+                      (f"{name}.sampler.n_scales", *_int(1)),
+                      (f"{name}.sampler.base_batch", *_int(1))]
+    return rules
+
+
+def _value(c, key):
+    for part in key.replace("[", ".[").split("."):
+        c = c[int(part[1:-1])] if part.startswith("[") else c[part]
+    return c
+
+
+def check(c, *, size_divisor: int = 32, teacher_divisor: int = 16) -> list[str]:
+    """Problems of config `c`, one line each: `--config.KEY: VALUE is not accepted; accepted: ...`.
+
+    `size_divisor`: the student's (every trained and exported size must be a multiple of it);
+    `teacher_divisor`: the teacher's patch size.
+    """
+    problems = []
+    for key, ok, accepted in _rules(c, size_divisor, teacher_divisor):
+        value = _value(c, key)
+        if not ok(value):
+            problems.append(f"--config.{key}: {value!r} is not accepted; accepted: {accepted}")
+    return problems
+
+
+def checked_keys(c) -> set[str]:
+    """The keys `check` covers (a test compares them with every numeric key of the config)."""
+    return {key for key, *_ in _rules(c, 32, 16)}

@@ -9,10 +9,16 @@ Overrides: any preset value as `--config.<section>.<key>=value`, e.g.
 `--config.distill.steps=500 --config.prune.target_sparsity=0.7` (see experiments/configs.py).
 A finished stage (its folder has DONE) is skipped; `--overwrite` redoes the selected stages;
 a stage killed part-way resumes from its last checkpoint.
+
+Every input is checked before the first stage, and every refusal is one line naming the flag, the
+value and what is accepted: flag and --config values against their ranges (configs.check), the
+--teacher file, the --workdir (created, locked against a second run), the --data splits.
+Environment failures during a stage (a full disk) are one line too.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import sys
@@ -22,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from compress.training import STRATEGIES
-from experiments.configs import PRESETS
+from experiments.configs import PRESETS, check
 
 STAGES = ("teacher", "distill", "prune", "qat", "export", "benchmark", "report")
 _CONFIG_FILE = str(pathlib.Path(__file__).with_name("configs.py"))
@@ -68,7 +74,44 @@ flags.mark_flags_as_required(["student", "teacher", "data", "workdir"])
 
 def _fail(message: str):
     """Exit with a one-line error naming the flag (absl's format, without the help dump)."""
-    sys.exit(f"FATAL Flags parsing error: {message}")
+    sys.exit(f"FATAL Flags parsing error: {' '.join(str(message).split())}")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with its errors as one line (absl adds a second one, a pointer to
+    --helpshort, so the last line would not name the flag)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+
+
+def check_teacher_file(path: str) -> str | None:
+    """Open a --teacher path and check it against the registry before any stage runs; returns
+    the problem (one line) or None. One branch per accepted format."""
+    if os.path.isfile(os.path.join(path, "model.json")):  # a teacher folder of this project
+        from experiments.workdir import StageDir
+        from models import vit_checkpoints
+
+        src = StageDir(pathlib.Path(path).parent, pathlib.Path(path).name)
+        try:
+            spec = src.model_json()
+            model = vit_checkpoints.build_model(spec, num_classes=int(spec["num_classes"]))
+            model.load_weights(str(src.weights))
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the folder: one line
+            return (f"--teacher={path}: not a teacher folder of this project (model.json with a "
+                    f"registry name and num_classes, and its weights.h5): {type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:300]}")
+        return None
+    # a ViT checkpoint (timm .pth/.safetensors, Hugging Face folder, Google .npz): read and its
+    # architecture checked now (no model is built), not hours into a run
+    from models import vit_checkpoints
+
+    try:
+        vit_checkpoints.teacher_spec(path, input_size=FLAGS.config.teacher.input_size)
+    except ValueError as e:
+        return f"--teacher: {e}"
+    return None
 
 
 def validate_flags() -> None:
@@ -88,25 +131,38 @@ def validate_flags() -> None:
         _fail(f"--teacher: {teacher!r} is neither a registry name ({', '.join(teachers)})"
               " nor an existing teacher folder or ViT checkpoint (timm .pth/.safetensors, "
               "Hugging Face folder, Google .npz)")
-    _validate_teacher_checkpoint(teacher)
     info = models.get_model_info(FLAGS.student)
+    teacher_divisor = (models.get_model_info(teacher).size_divisor
+                       if teacher in models.list_models() else 16)
+    problems = check(FLAGS.config, size_divisor=info.size_divisor,
+                     teacher_divisor=teacher_divisor)
+    if problems:
+        _fail(problems[0])
     if FLAGS.export_size is not None and (FLAGS.export_size <= 0 or
                                           FLAGS.export_size % info.size_divisor):
         _fail(f"--export_size: {FLAGS.export_size} is not a positive multiple of "
                              f"{info.size_divisor}, which {FLAGS.student} needs")
+    from compress.benchmark import DELEGATES
     from compress.distill import KINDS
+    from compress.tflite.convert import FORMATS
     from compress.prune import SCHEDULES
 
     c = FLAGS.config
     checks = {"distill.kind": (c.distill.kind, KINDS), "prune.kind": (c.prune.kind, KINDS),
               "qat.kind": (c.qat.kind, KINDS), "prune.schedule": (c.prune.schedule, SCHEDULES),
-              "prune.m_by_n": (c.prune.m_by_n, ("", "2:4"))}
+              "prune.m_by_n": (c.prune.m_by_n, ("", "2:4")),
+              "mixed_precision": (c.mixed_precision, ("float32", "mixed_bfloat16"))}
+    checks.update({f"benchmark.delegates[{i}]": (d, DELEGATES)
+                   for i, d in enumerate(c.benchmark.delegates)})
+    checks.update({f"export.formats.{s}[{i}]": (f, FORMATS)
+                   for s in c.export.formats for i, f in enumerate(c.export.formats[s])})
     for key, (value, accepted) in checks.items():
         if value not in accepted:
             _fail(f"--config.{key}: {value!r} is not accepted; accepted: {accepted}")
-    if not 0 <= c.prune.target_sparsity < 1:
-        _fail(f"--config.prune.target_sparsity must be in [0, 1), got "
-                             f"{c.prune.target_sparsity}")
+    if os.path.exists(teacher) and teacher not in models.list_models():
+        problem = check_teacher_file(teacher)
+        if problem:
+            _fail(problem)
     if c.export.float_layers:  # globs of student layer names: check them before any training
         from compress.tflite.fast_int8 import layers_matching
 
@@ -117,19 +173,40 @@ def validate_flags() -> None:
             _fail(f"--config.export.{e}")
 
 
-def _validate_teacher_checkpoint(teacher: str) -> None:
-    """A checkpoint --teacher is read and its architecture checked now (no model is built), so
-    a bad file fails in one line before any stage runs, not hours into a run."""
-    import models
+def open_workdir(path: str) -> int:
+    """Create --workdir and lock it for this run (workdir.lock_workdir); one line on failure."""
+    from experiments.workdir import WorkdirLocked, lock_workdir
 
-    if teacher in models.list_models() or os.path.isfile(os.path.join(teacher, "model.json")):
-        return  # a registry name, or a teacher stage folder saved by this project
-    from models import vit_checkpoints
-
+    p = pathlib.Path(path)
+    if p.exists() and not p.is_dir():
+        _fail(f"--workdir={path}: exists and is not a folder; accepted: a folder, or a path "
+              "where one can be created")
     try:
-        vit_checkpoints.teacher_spec(teacher, input_size=FLAGS.config.teacher.input_size)
-    except ValueError as e:
-        _fail(f"--teacher: {e}")
+        p.mkdir(parents=True, exist_ok=True)
+        return lock_workdir(p)
+    except WorkdirLocked as e:
+        _fail(f"--workdir={path}: another run (pid {e.pid}) is using this workdir; wait for it "
+              "or pick another --workdir")
+    except OSError as e:
+        _fail(f"--workdir={path}: cannot create or write it ({e.strerror or e}"
+              f"{f': {e.filename}' if e.filename else ''}); accepted: a writable folder")
+
+
+def _disk_full(e: BaseException) -> bool:
+    text = str(e)
+    return (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or "No space left on device" in text or "errno = 28" in text)
+
+
+def _disk_full_line(e: BaseException, stage: str, workdir: str) -> str:
+    import shutil
+
+    where = getattr(e, "filename", None) or workdir
+    free = shutil.disk_usage(workdir).free
+    detail = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
+    return (f"FATAL disk full in the {stage} stage writing {where}: {detail}; {free:,} bytes "
+            f"free under --workdir={workdir}; free some space and run the same command again "
+            "(finished stages and checkpoints are kept)")
 
 
 def main(argv):
@@ -138,18 +215,24 @@ def main(argv):
     if not FLAGS["verbosity"].present:  # TF's INFO chatter would bury the progress bars
         logging.set_verbosity(logging.WARNING)
     validate_flags()
+    lock = open_workdir(FLAGS.workdir)  # noqa: F841 - held until this process ends
     from experiments import stages
 
     try:  # data sources and strategy: bad --data / --strategy values end here, in one line
         run = stages.Run(student=FLAGS.student, teacher=FLAGS.teacher, data=FLAGS.data,
                          workdir=FLAGS.workdir, config=FLAGS.config, strategy=FLAGS.strategy,
                          export_size=FLAGS.export_size, overwrite=FLAGS.overwrite)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: tfds offline
+        _fail(" ".join(str(e).split()))
     start = time.time()
     for stage in STAGES:
         if stage in FLAGS.stages:
-            run.run_stage(stage)
+            try:
+                run.run_stage(stage)
+            except Exception as e:  # noqa: BLE001 - a full disk is one line; the rest re-raised
+                if _disk_full(e):
+                    sys.exit(_disk_full_line(e, stage, FLAGS.workdir))
+                raise
     logging.info("pipeline finished in %.1f min; workdir %s", (time.time() - start) / 60,
                  FLAGS.workdir)
     print(f"done in {(time.time() - start) / 60:.1f} min: {FLAGS.workdir}")
@@ -158,7 +241,7 @@ def main(argv):
 def run_cli():
     if any(a == "--config" or a.startswith("--config=") for a in sys.argv):
         sys.exit("FATAL Flags parsing error: choose the preset with --preset, not --config")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
-import shutil
 
 import numpy as np
 from absl import logging
 
 import models
-from experiments.workdir import StageDir, read_json, write_json
+from experiments.workdir import StageDir, atomic_copy, read_json, write_json
 from models.compat import keras
 
 EXPORT_STAGES = ("distill", "prune", "qat")
@@ -49,13 +48,23 @@ class Run:
         self.val_src = input_data.load_source(data, "val",
                                                   limit_per_class=d.val_per_class or None)
         self.num_classes = self.train_src.num_classes
+        self._check_teacher_classes()
         self.strategy = training.get_strategy(strategy)
         self.replicas = self.strategy.num_replicas_in_sync
+
+    def _check_teacher_classes(self) -> None:
+        """A teacher folder must have the data's classes (checked before the first stage)."""
+        if os.path.isdir(self.teacher_arg):
+            src = pathlib.Path(self.teacher_arg)
+            n = StageDir(src.parent, src.name).model_json()["num_classes"]
+            if n != self.num_classes:
+                raise ValueError(f"--teacher={self.teacher_arg}: the teacher has {n} classes, "
+                                 f"--data={self.data} has {self.num_classes}")
 
     # ---------------------------------------------------------------------------------------
     def run_stage(self, name: str) -> None:
         stage = StageDir(self.workdir, name)
-        if self.overwrite and name in ("teacher", "distill", "prune", "qat", "export"):
+        if self.overwrite:  # every stage, DONE first: a kill part-way leaves it unfinished
             stage.reset()
         if stage.done and not self.overwrite:
             logging.info("stage %s is DONE, skipped (use --overwrite to redo it)", name)
@@ -136,6 +145,9 @@ class Run:
         """Train `model_fn()` (built inside the strategy scope) and evaluate at `eval_size`."""
         from compress import training
 
+        # The same seed gives the same initial weights and dropout draws (paired students:
+        # the distilled one and its labels-only baseline start from identical weights).
+        training.set_seed(self.cfg.seed, deterministic=self.cfg.deterministic)
         with self.strategy.scope():
             model = model_fn()
         callbacks = callbacks_fn() if callbacks_fn else []
@@ -154,11 +166,8 @@ class Run:
         arg = self.teacher_arg
         if os.path.isfile(os.path.join(arg, "model.json")):  # a teacher stage folder
             src = StageDir(pathlib.Path(arg).parent, pathlib.Path(arg).name)
-            spec = src.model_json()
-            if spec["num_classes"] != self.num_classes:
-                raise ValueError(f"--teacher: {arg} has {spec['num_classes']} classes, the data "
-                                 f"has {self.num_classes}")
-            shutil.copy(src.weights, stage.weights)
+            spec = src.model_json()  # its classes were checked against the data in __init__
+            atomic_copy(src.weights, stage.weights)
             stage.save_model_json(**spec)
             teacher, size = self.load_teacher_from(stage)
             top1 = self._evaluate_keras(teacher, size)
@@ -345,11 +354,16 @@ class Run:
         stage.finish({"files": sorted(manifest)})
 
     def _forget_results(self, rel: str) -> None:
+        """Drop the rows of `rel` from results.csv; benchmark and report are then unfinished."""
         from compress.results import table
 
         if os.path.exists(table.results_path(str(self.workdir))):
-            rows = [r for r in table.read_results(str(self.workdir)) if r["path"] != rel]
-            table.write_results(str(self.workdir), rows, merge=False)
+            old = table.read_results(str(self.workdir))
+            rows = [r for r in old if r["path"] != rel]
+            if len(rows) < len(old):
+                for name in ("benchmark", "report"):
+                    StageDir(self.workdir, name).clear_done()
+                table.write_results(str(self.workdir), rows, merge=False)
 
     # ------------------------------------------------------------------------------- benchmark
     def stage_benchmark(self, stage: StageDir) -> None:

@@ -7,43 +7,48 @@
     DIR/<stage>/ckpt/         training checkpoints for resuming
     DIR/<stage>/DONE          written last; a stage with DONE is skipped unless --overwrite
 
-Every file is written atomically (temporary file, then rename), so a kill never leaves a
-half-written artifact that a later run would trust.
+Every file is written atomically (temporary file, then rename), so a kill or a full disk never
+leaves a half-written artifact under its final name that a later run would trust.
+`DIR/.lock` is held (`fcntl.flock`) for the whole run: a second run on the same workdir is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
 import shutil
 import time
 
-import numpy as np
+from compress.io import atomic_copy, atomic_path, atomic_write, write_json
+
+__all__ = ["StageDir", "atomic_copy", "lock_workdir", "read_json", "write_json"]
 
 
-def atomic_write_text(path, text: str) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class WorkdirLocked(RuntimeError):
+    """Another live process holds the workdir's lock; `pid` is the one it wrote."""
+
+    def __init__(self, path, pid):
+        super().__init__(f"{path} is locked by pid {pid}")
+        self.pid = pid
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, pathlib.Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+def lock_workdir(workdir) -> int:
+    """Take `workdir/.lock` for the life of this process (the kernel drops it when the process
+    ends, crash or kill included) and write our pid in it. Returns the file descriptor (keep it
+    open). Raises WorkdirLocked naming the holder's pid, or OSError if the file cannot be made."""
+    path = pathlib.Path(workdir) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise WorkdirLocked(path, holder) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def read_json(path):
@@ -64,9 +69,15 @@ class StageDir:
         return (self.path / "DONE").exists()
 
     def reset(self) -> None:
-        """--overwrite: forget everything this stage computed."""
+        """--overwrite: forget everything this stage computed, DONE first (a kill part-way
+        then leaves an unfinished stage, never a stale finished one)."""
+        self.clear_done()
         if self.path.exists():
             shutil.rmtree(self.path)
+
+    def clear_done(self) -> None:
+        """Mark the stage unfinished (its outputs are no longer complete)."""
+        (self.path / "DONE").unlink(missing_ok=True)
 
     def begin(self, config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -82,9 +93,8 @@ class StageDir:
         return read_json(self.path / "model.json")
 
     def save_weights(self, model) -> None:
-        tmp = self.path / f".weights.tmp{os.getpid()}.h5"
-        model.save_weights(str(tmp))
-        os.replace(tmp, self.weights)
+        with atomic_path(self.weights) as tmp:
+            model.save_weights(tmp)
 
     def metrics(self) -> dict:
         path = self.path / "metrics.json"
@@ -92,4 +102,4 @@ class StageDir:
 
     def finish(self, metrics: dict) -> None:
         write_json(self.path / "metrics.json", {**metrics, "finished_at": time.time()})
-        atomic_write_text(self.path / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        atomic_write(self.path / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))

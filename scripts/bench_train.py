@@ -2,7 +2,7 @@
 
   python scripts/bench_train.py [--student=NAME] [--teacher=vit_tiny_patch16] [--size=128]
       [--teacher_size=224] [--batch=32] [--steps=10] [--warmup=3]
-      [--precisions=fp32,mixed_bfloat16] [--data=DIR] [--pipeline_steps=8]
+      [--precisions=fp32,mixed_bfloat16] [--data=DIR] [--pipeline_steps=8] [--deterministic]
 
 Part 1: a labels-only step and a soft-distillation step (teacher at `--teacher_size`) of the
 student at `--size`, on in-memory random batches (no input pipeline cost), for each precision.
@@ -10,6 +10,10 @@ Part 2 (when `experiments.data` exists): the labels-only student fed by the real
 pipeline from `--data`, MobileViT's multi-scale sampler (160..320, base 256 x `--batch`) against a
 fixed 256 x `--batch` sampler, with the time of one epoch-equivalent (the train split's images)
 projected from `--pipeline_steps` timed steps.
+
+`--deterministic`: seeded, with TF op determinism on, as the pipeline runs by default
+(`config.deterministic`); compare with a run without it (interleave the two, the flag lasts
+for the process).
 
 Part-1 figures are the median images/s of the timed steps of `compress.training.train`, after
 `--warmup` untimed steps (tracing, allocator and oneDNN warm-up); part-2 figures are all timed
@@ -150,13 +154,20 @@ def main(argv=None):
     p.add_argument("--limit_per_class", type=int, default=100,
                    help="images per class the part-2 pipeline reads (throughput only)")
     p.add_argument("--skip_pipeline", action="store_true")
+    p.add_argument("--deterministic", action="store_true",
+                   help="seed and turn TF op determinism on (compress.training.set_seed)")
     args = p.parse_args(argv)
+    if args.deterministic:
+        from compress.training import set_seed
+
+        set_seed(0, deterministic=True)
     for prec in args.precisions.split(",") + [args.pipeline_precision]:
         if prec not in ("fp32", "mixed_bfloat16"):
             p.error(f"--precisions/--pipeline_precision take fp32 or mixed_bfloat16, got {prec!r}")
     student = args.student or default_student()
     print(f"student {student}, teacher {args.teacher}; {os.cpu_count()} CPUs, "
-          f"TF {tf.__version__}, median of {args.steps} steps after {args.warmup} untimed",
+          f"TF {tf.__version__}, median of {args.steps} steps after {args.warmup} untimed"
+          f"{', op determinism on' if args.deterministic else ''}",
           flush=True)
 
     rows = part1(args, student)

@@ -1,6 +1,6 @@
 """Image sources: a folder with `train/` and `val/` class subfolders (the layout of Imagenette,
-`train/<wnid>/*.JPEG`) or `tfds:<name>` (TensorFlow Datasets, prepared locally: there is no
-download here).
+`train/<wnid>/*.JPEG`) or `tfds:<name>` (TensorFlow Datasets: prepared under TFDS_DATA_DIR, or
+downloaded and prepared on first use where the machine is online).
 
 Every file is decoded once at load time (`verify=True`); files that do not decode are skipped,
 listed in `Source.skipped` and logged, never fatal. Images always decode to 3 channels.
@@ -149,7 +149,7 @@ class Source:
                         + (" ..." if len(bad) > 10 else ""))
             self._keep(np.setdiff1d(np.arange(n), bad))
         if self.num_examples == 0:
-            raise ValueError(f"{self.name} split {self.split!r}: no decodable images "
+            raise ValueError(f"--data={self.name}: split {self.split!r} has no decodable images "
                              f"({len(bad)} file(s) failed to decode)")
         return len(bad)
 
@@ -295,14 +295,19 @@ def _load_tfds(name: str, split: str, *, data_dir: str | None = None) -> Source:
         raise ValueError(f"{flag}: unknown TensorFlow Datasets name {name!r} "
                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not builder.is_prepared():
+        prepare = (f"prepare it on a machine with internet (`tfds build {name} --data_dir=DIR`), "
+                   "copy DIR here and set TFDS_DATA_DIR=DIR, or pass a folder as --data")
+        offline = _offline_reason()
+        if offline:  # fail now, not after minutes of download retries
+            raise RuntimeError(f"{flag}: the dataset is not prepared in {builder.data_dir} and "
+                               f"this machine is offline ({offline}); {prepare}")
         try:
             builder.download_and_prepare()
         except Exception as e:
             raise RuntimeError(
                 f"{flag}: the dataset is not prepared in {builder.data_dir} and could not be "
-                f"downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-                "Prepare it on a machine with internet and copy it, or set TFDS_DATA_DIR."
-            ) from None
+                f"downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                f"{prepare}") from None
     available = list(builder.info.splits.keys())
     tfds_split = _map_split(split, available, flag)
     keys = builder.info.supervised_keys
@@ -322,6 +327,21 @@ def _load_tfds(name: str, split: str, *, data_dir: str | None = None) -> Source:
         raise ValueError(f"{flag}: split {tfds_split!r} is empty")
     return Source(name=f"tfds:{name}", split=split, class_names=class_names, labels=labels,
                   encoded=encoded, ids=[f"{tfds_split}[{i}]" for i in range(len(labels))])
+
+
+# TFDS's own storage (dataset metadata and prepared copies): unreachable means offline.
+TFDS_HOST = ("storage.googleapis.com", 443)
+
+
+def _offline_reason(timeout: float = 5.0) -> str | None:
+    """None when TFDS_HOST accepts a connection, else why not (one short phrase)."""
+    import socket
+
+    try:
+        socket.create_connection(TFDS_HOST, timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"cannot reach {TFDS_HOST[0]}: {e.strerror or e}"
 
 
 def _map_split(split: str, available: Sequence[str], flag: str) -> str:

@@ -178,6 +178,26 @@ def test_kill_and_resume_subprocess(tmp_path):
     assert math.isfinite(metrics["val_top1"])
 
 
+def test_same_seed_same_figures_and_resume_equals_unbroken(tmp_path):
+    """With `set_seed` (weights, dropout) and op determinism, two runs of a student with
+    dropout give identical figures, and a run stopped after a checkpoint and resumed in a
+    freshly seeded model ends with the same figures and weights (the dropout generators' state
+    is in the checkpoint)."""
+    out = tmp_path / "seeded.json"
+    result = run_worker("seeded", tmp_path, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["same_seed_same_init"] and d["other_seed_other_init"]
+    assert d["saved"].endswith("ckpt-4") and d["rng_saved"]
+    a, b, resumed = d["figures"]["a"], d["figures"]["b"], d["figures"]["resumed"]
+    assert resumed["start_step"] == 4 and resumed["step"] == 12
+    for key in ("val_top1", "val_loss", "train_loss", "train_accuracy"):
+        assert a[key] == b[key], key
+        np.testing.assert_allclose(resumed[key], a[key], rtol=1e-5, err_msg=key)
+    assert d["weights_rel_b"] == 0.0
+    assert d["weights_rel_resumed"] <= 1e-5
+
+
 def test_mirrored_strategy_two_cpus(tmp_path):
     out = tmp_path / "mirrored.json"
     result = run_worker("mirrored", out)

@@ -46,7 +46,7 @@ def make_val_ds(*, num_classes=5, size=32, n=16, batch=8):
                          batch=batch).take(n // batch)
 
 
-def tiny_convnet(num_classes=5, *, input_size=None, two_heads=False, name="tiny"):
+def tiny_convnet(num_classes=5, *, input_size=None, two_heads=False, dropout=0.0, name="tiny"):
     shape = (input_size, input_size, 3) if input_size else (None, None, 3)
     inputs = keras.Input(shape, name="image")
     x = keras.layers.Conv2D(8, 3, strides=2, padding="valid", name=f"{name}_conv1")(inputs)
@@ -54,6 +54,8 @@ def tiny_convnet(num_classes=5, *, input_size=None, two_heads=False, name="tiny"
     x = keras.layers.Activation("relu", name=f"{name}_relu1")(x)
     x = keras.layers.Conv2D(16, 3, strides=2, padding="valid", name=f"{name}_conv2")(x)
     x = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name=f"{name}_drop")(x)
     out = keras.layers.Dense(num_classes, name=f"{name}_head")(x)
     if two_heads:
         dist = keras.layers.Dense(num_classes, name=f"{name}_dist_head")(x)

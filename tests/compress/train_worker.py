@@ -2,9 +2,10 @@
 
   python tests/compress/train_worker.py resume WORKDIR STEPS CKPT_EVERY SLEEP_S OUT_JSON
   python tests/compress/train_worker.py mirrored OUT_JSON
+  python tests/compress/train_worker.py seeded WORKDIR OUT_JSON
 
 `mirrored` must configure two logical CPU devices before TensorFlow initialises, which is why
-it runs in its own process.
+it runs in its own process; `seeded` turns on op determinism, which lasts for the process.
 """
 
 import json
@@ -124,10 +125,72 @@ def mirrored(out):
                        replicas=strategy.num_replicas_in_sync, odd_error=odd_error[:2000]), f)
 
 
+def seeded(workdir, out):
+    """Same seed, same figures: two runs of a student with dropout, and a run crashed after a
+    checkpoint then resumed (a fresh model, seeded again, as a restarted process would be)."""
+    import numpy as np
+    import train_helpers as helpers
+    from train_helpers import make_val_ds, tiny_convnet
+
+    from compress.training import set_seed, train
+
+    kw = dict(steps=12, lr=1e-2, weight_decay=0.01, warmup_steps=2, checkpoint_every=4,
+              eval_every=6, verbose=False)
+
+    def make_train_ds(start):  # one size: one trace per fit, a cheaper test
+        return helpers.make_train_ds(start, multiscale=False)
+
+    def student(seed=0):
+        set_seed(seed)
+        return tiny_convnet(dropout=0.5)
+
+    class Crash(keras.callbacks.Callback):
+        def __init__(self, at):
+            super().__init__()
+            self.at, self.seen = at, 0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.seen += 1
+            if self.seen > self.at:
+                raise KeyboardInterrupt("simulated kill")
+
+    figures, weights = {}, {}
+    for run in ("a", "b"):
+        model = student()
+        figures[run] = train(model, make_train_ds, workdir=f"{workdir}/{run}",
+                             val_ds=make_val_ds(), **kw)
+        weights[run] = model.get_weights()
+    try:
+        train(student(), make_train_ds, workdir=f"{workdir}/c", val_ds=make_val_ds(),
+              callbacks=[Crash(6)], **kw)
+    except KeyboardInterrupt:
+        pass
+    saved = tf.train.latest_checkpoint(f"{workdir}/c/ckpt")
+    rng_saved = any(name.startswith("rng/") for name, _ in tf.train.list_variables(saved))
+    model = student()
+    figures["resumed"] = train(model, make_train_ds, workdir=f"{workdir}/c",
+                               val_ds=make_val_ds(), **kw)
+    weights["resumed"] = model.get_weights()
+
+    def max_rel(x, y):
+        return max(float(np.max(np.abs(p - q) / (np.abs(q) + 1e-12))) for p, q in zip(x, y))
+
+    with open(out, "w") as f:
+        json.dump(dict(figures=figures, saved=saved, rng_saved=rng_saved,
+                       weights_rel_b=max_rel(weights["b"], weights["a"]),
+                       weights_rel_resumed=max_rel(weights["resumed"], weights["a"]),
+                       same_seed_same_init=student(0).get_weights()[0].tolist()
+                       == student(0).get_weights()[0].tolist(),
+                       other_seed_other_init=student(0).get_weights()[0].tolist()
+                       != student(1).get_weights()[0].tolist()), f)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "resume":
         resume(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
     elif sys.argv[1] == "mirrored":
         mirrored(sys.argv[2])
+    elif sys.argv[1] == "seeded":
+        seeded(sys.argv[2], sys.argv[3])
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]}")

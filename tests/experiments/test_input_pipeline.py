@@ -209,8 +209,46 @@ def test_tfds_not_prepared_error_names_flag(monkeypatch):
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: False)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    with pytest.raises(RuntimeError, match=r"tfds:mnist.*not prepared.*no internet"):
+    monkeypatch.setattr(sources, "_offline_reason", lambda: None)  # as if online
+    with pytest.raises(RuntimeError, match=r"tfds:mnist.*not prepared.*no internet.*tfds build"):
         ip.load_source("tfds:mnist", "train")
+
+
+def test_tfds_offline_fails_at_once_with_how_to_prepare(monkeypatch, tmp_path):
+    def unreachable(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    import socket
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(RuntimeError, match=r"tfds:mnist: the dataset is not prepared in .* this "
+                                           r"machine is offline .*Network is unreachable.*"
+                                           r"tfds build mnist.*TFDS_DATA_DIR"):
+        ip.load_source("tfds:mnist", "train", data_dir=str(tmp_path))
+
+
+def test_tfds_download_path_reaches_the_network(monkeypatch, tmp_path):
+    """TFDS's download path imports everything it needs (importlib_resources, in 4.9.10) and
+    fails on the network request itself: here every HTTP request is refused."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    requests = pytest.importorskip("requests")
+    asked = []
+
+    def refuse(self, url, *args, **kwargs):
+        asked.append(url)
+        raise requests.exceptions.ConnectionError(f"refused by the test: {url}")
+
+    monkeypatch.setattr(sources, "_offline_reason", lambda: None)  # as if online
+    monkeypatch.setattr(requests.Session, "get", refuse)
+    from tensorflow_datasets.core.download import downloader
+    from tensorflow_datasets.core.utils import gcs_utils
+
+    monkeypatch.setattr(downloader, "MAX_RETRIES", 0)
+    monkeypatch.setattr(gcs_utils, "is_dataset_on_gcs", lambda *a, **k: False)
+    with pytest.raises(RuntimeError, match=r"could not be downloaded \(ConnectionError: refused by "
+                                           r"the test"):
+        ip.load_source("tfds:imagenette/160px-v2", "train", data_dir=str(tmp_path))
+    assert asked and "imagenette" in asked[0]
 
 
 def test_tfds_split_mapping():
@@ -221,8 +259,11 @@ def test_tfds_split_mapping():
         sources._map_split("val", ["train"], "--data=tfds:x")
 
 
-def test_tfds_source_offline_under_mock_data():
+def test_tfds_source_offline_under_mock_data(monkeypatch):
+    """The tfds: loader end to end without the network: mock_data stands in for the download
+    and the prepared files (the connectivity probe is told the machine is online)."""
     tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(sources, "_offline_reason", lambda: None)
     with tfds.testing.mock_data(num_examples=8):
         src = ip.load_source("tfds:imagenette/160px-v2", "val")
     assert src.num_examples == 8 and src.num_classes == 10

@@ -1,37 +1,14 @@
 """The smoke preset end to end on a small real subset of Imagenette: every stage, every artifact
-of the contract, then a second run that skips every finished stage."""
+of the contract, then a second run that skips every finished stage (the run: conftest.py)."""
 
 import csv
 import glob
 import json
 import os
-import subprocess
-import sys
-import time
-
-import pytest
 
 REQUIRED = {("distill", "fp32"), ("distill", "fp16"), ("distill", "drq"), ("distill", "int8"),
             ("prune", "fp32"), ("prune", "int8"), ("qat", "int8")}
 TRAINING = ("teacher", "distill", "prune", "qat")
-
-
-def pipeline(workdir, data, *extra):
-    cmd = [sys.executable, "-m", "experiments.pipeline", "--student=mobilevit_xxs",
-           "--teacher=vit_tiny_patch16", f"--data={data}", f"--workdir={workdir}",
-           "--preset=smoke", *extra]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc, time.time() - start
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, imagenette_dir):
-    workdir = tmp_path_factory.mktemp("smoke")
-    proc, seconds = pipeline(workdir, imagenette_dir)
-    print(f"smoke pipeline: {seconds:.0f} s")
-    return workdir, proc, imagenette_dir
 
 
 def test_training_stages_leave_the_contract_files(smoke_run):
@@ -93,10 +70,10 @@ def test_report_plots_and_tensorboard(smoke_run):
     assert hparams, "no HParams event files"
 
 
-def test_second_run_skips_finished_stages(smoke_run):
+def test_second_run_skips_finished_stages(smoke_run, run_pipeline):
     workdir, _, data = smoke_run
     before = {s: os.path.getmtime(workdir / s / "DONE") for s in TRAINING}
-    proc, seconds = pipeline(workdir, data)
+    proc, seconds = run_pipeline(workdir, data)
     for stage in TRAINING + ("export", "benchmark"):
         assert f"[{stage}] done already, skipped" in proc.stdout
     assert before == {s: os.path.getmtime(workdir / s / "DONE") for s in TRAINING}

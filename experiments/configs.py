@@ -117,7 +117,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         warmup=3 if smoke else 10,
         runs=10 if smoke else 100,
         val_limit=50 if smoke else 0,  # images scored per file; 0 = the whole val split
-        # Refuse AMX to XNNPACK when timing (Intel AMX CPUs only; compress/benchmark.py): its
+        # Refuse AMX to XNNPACK when timing (Intel AMX CPUs only; compress/measure/latency.py): its
         # AMX int8 kernels are slower than AVX512-VNNI on small mobile layers.
         deny_amx=False,
     )

@@ -142,7 +142,7 @@ def validate_flags() -> None:
                                           FLAGS.export_size % info.size_divisor):
         _fail(f"--export_size: {FLAGS.export_size} is not a positive multiple of "
                              f"{info.size_divisor}, which {FLAGS.student} needs")
-    from compress.benchmark import DELEGATES
+    from compress.tflite.interpreter import DELEGATES
     from compress.distill import KINDS
     from compress.tflite.convert import FORMATS
     from compress.prune import SCHEDULES

@@ -77,7 +77,7 @@ _TIME = flags.DEFINE_bool("time", True, "Time the files; --notime only converts 
 _AMX = flags.DEFINE_list(
     "amx", ["allow"], "allow and/or deny: time with XNNPACK free to use Intel AMX int8 kernels "
     "(the default interpreter) and/or with AMX refused to it (AVX512-VNNI, as on CPUs without "
-    "AMX); see compress/benchmark.py. Only matters on CPUs with amx_int8.")  # fmt: skip
+    "AMX); see compress/measure/latency.py. Only matters on CPUs with amx_int8.")  # fmt: skip
 _NUM_EVAL = flags.DEFINE_integer(
     "num_eval", 32, "Images (not among the calibration ones) on which each file is compared with "
     "its Keras model: top-1 agreement, relative logit error. 0 skips the comparison.")  # fmt: skip

@@ -61,7 +61,7 @@ EXTRA_COLUMNS = (
     "runs",
     "repeats",
     "measured_delegate",
-    "amx",  # absent | available | denied (compress.benchmark: XNNPACK's AMX int8 kernels)
+    "amx",  # absent | available | denied (compress.measure.latency: XNNPACK's AMX int8 kernels)
     "cpu",
     "host_figures",
 )

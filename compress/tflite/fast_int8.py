@@ -74,7 +74,7 @@ def slow_int8_layers(model) -> dict[str, str]:
     which waste most of each 16x64 tile on such groups. Measured (mobile_former_52m, 224 px,
     1 thread, this AMX VM under load): its seven such layers cost the int8 file 2.4 ms (7.0 ->
     4.5 ms with them float; fp32 3.4 ms); with AMX refused to XNNPACK (AVX512-VNNI kernels,
-    compress/benchmark.py) the two files run alike (3.51 vs 3.54 ms). The 3-channel image stem
+    compress/measure/latency.py) the two files run alike (3.51 vs 3.54 ms). The 3-channel image stem
     is also slower in int8 under AMX but stays int8, so that the convolutions of a QAT file are
     all int8. (Mobile-Former builds its stride-1 expanding depthwise convs as a one-hot 1x1 conv
     + a plain depthwise conv, `models.mobile_former.ChannelRepeat`, which int8 runs fast.)
@@ -162,7 +162,7 @@ def _with_feeding_pads(f: TFLiteFile, nodes: set[str]) -> set[str]:
 def _float_only_ops_in_float(model_bytes: bytes, info: dict) -> bytes:
     """int8 ops of a type XNNPACK runs in float only that the quantizer made anyway (a QAT
     model's fake-quant nodes around a GELU or a HARD_SWISH decide for the denylist) are run in
-    float between a DEQUANTIZE and a QUANTIZE (`tflite_file.run_in_float`). Measured on
+    float between a DEQUANTIZE and a QUANTIZE (`flatbuffer.run_in_float`). Measured on
     mobile_former_26m QAT: 8 int8 GELUs + 2 HARD_SWISHes left 11 XNNPACK partitions; 1 after."""
     f = TFLiteFile(model_bytes)
     ops = [op.index for op in f.ops if op.type in FLOAT_ONLY_IN_XNNPACK_INT8

@@ -462,16 +462,6 @@ def test_save_and_reload_h5(tmp_path, rng):
     np.testing.assert_array_equal(again(img).numpy(), model(img).numpy())
 
 
-def test_clone_model_keeps_outputs(rng):
-    """`clone_model` (what pruning and QAT wrap through) rebuilds every custom layer."""
-    model = mf.build_mobile_former(num_classes=4, input_size=64, groups=4, **TINY)
-    randomize(model, rng)
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    img = rng.random((2, 64, 64, 3), dtype="float32")
-    np.testing.assert_array_equal(clone(img).numpy(), model(img).numpy())
-
-
 # --- TFLite -----------------------------------------------------------------------------------
 
 def imagenette_images(root, n, size):
@@ -517,8 +507,16 @@ def model_96m_224():
     return model
 
 
-def test_tflite_fp32_builtin_and_matches_keras(model_96m_224, imagenette_dir):
-    content = tf.lite.TFLiteConverter.from_keras_model(model_96m_224).convert()
+def fp32_file(model, size, folder):
+    """The model's fp32 file through the project's `export_tflite`, as bytes."""
+    from compress.export import export_tflite
+
+    export_tflite(model, folder / "fp32.tflite", fmt="fp32", input_size=size)
+    return (folder / "fp32.tflite").read_bytes()
+
+
+def test_tflite_fp32_builtin_and_matches_keras(model_96m_224, imagenette_dir, tmp_path):
+    content = fp32_file(model_96m_224, 224, tmp_path)
     ops, tensors = tflite_ops(content)
     names = assert_builtin_only(ops, tensors)
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "SOFTMAX"} <= names
@@ -546,8 +544,8 @@ def test_tflite_int8_full_integer_builtin(model_96m_224, imagenette_dir):
     assert out.shape == (2, 10) and np.isfinite(out).all()
 
 
-def check_grouped_form(model, size):
-    content = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+def check_grouped_form(model, size, folder):
+    content = fp32_file(model, size, folder)
     ops, tensors = tflite_ops(content)
     names = assert_builtin_only(ops, tensors)
     assert {"SPLIT", "CONCATENATION", "TRANSPOSE"} <= names
@@ -559,20 +557,20 @@ def check_grouped_form(model, size):
     np.testing.assert_allclose(run_tflite(content, img), model(img).numpy(), atol=1e-4)
 
 
-def test_tflite_tiny_grouped_model_fp32_builtin(rng):
+def test_tflite_tiny_grouped_model_fp32_builtin(rng, tmp_path):
     """The 26M form (GroupSplit + per-group Conv2D + Concatenate, rank-4 shuffles) on a tiny
     config with every block kind: a conversion of a few seconds for the fast tier."""
     keras.backend.clear_session()
     model = mf.build_mobile_former(num_classes=10, input_size=64, groups=4, **TINY)
     randomize(model, rng)
-    check_grouped_form(model, 64)
+    check_grouped_form(model, 64, tmp_path)
 
 
 @pytest.mark.slow
-def test_tflite_26m_grouped_form_fp32_builtin():
+def test_tflite_26m_grouped_form_fp32_builtin(tmp_path):
     keras.backend.clear_session()
     model = models.create_model("mobile_former_26m", num_classes=10, input_size=224)
-    check_grouped_form(model, 224)
+    check_grouped_form(model, 224, tmp_path)
 
 
 def test_bridges_never_pack_the_feature_map(tmp_path):

@@ -1,5 +1,6 @@
 """MobileViT v1: shapes at several sizes, unfold/fold against timm's layout, logits parity with
-timm (random weights, real images), TFLite fp32/int8 conversion with builtin ops only."""
+timm (random weights, real images), TFLite fp32/int8 conversion with builtin ops only.
+(Gradients through the resize path, clone and config round trips: test_all_models.py.)"""
 
 import sys
 
@@ -48,15 +49,6 @@ def test_forward_any_multiple_of_32(xxs_dynamic, size):
     assert out.shape == (1, 10) and np.isfinite(out.numpy()).all()
 
 
-def test_every_weight_gets_a_gradient_through_the_resize_path(xxs_dynamic):
-    x = np.random.default_rng(1).random((2, 160, 160, 3), "float32")  # 5x5 map at stage 5
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(xxs_dynamic(x, training=True) ** 2)
-    grads = tape.gradient(loss, xxs_dynamic.trainable_weights)
-    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
-    assert all(np.abs(g.numpy()).max() > 0 for g in grads)
-
-
 def test_fixed_input_size_and_overrides():
     model = models.create_model("mobilevit_xxs", num_classes=7, input_size=160, dropout=0.1)
     assert model.input_shape == (None, 160, 160, 3) and model.output_shape == (None, 7)
@@ -74,18 +66,6 @@ def test_only_stock_layers_and_small_custom_ones(name):
     for layer in model.layers:
         if type(layer).__name__ in custom:
             assert layer.get_prunable_weights() == [] and not layer.weights
-
-
-def test_clone_and_json_round_trip_keep_outputs(rng):
-    model = models.create_model("mobilevit_xxs", num_classes=5)  # (None, None) input
-    x = rng.random((1, 160, 160, 3), "float32")
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    again = keras.models.model_from_json(model.to_json(), custom_objects=CUSTOM_OBJECTS)
-    again.set_weights(model.get_weights())
-    ref = model(x).numpy()
-    np.testing.assert_array_equal(clone(x).numpy(), ref)
-    np.testing.assert_array_equal(again(x).numpy(), ref)
 
 
 # ------------------------------------------------------------------------------------------
@@ -254,12 +234,17 @@ def assert_builtin_only(ops):
     assert "SPLIT_V" not in ops
 
 
-def test_tflite_fp32_and_int8_builtin_only(imagenette_dir):
+def test_tflite_fp32_and_int8_builtin_only(imagenette_dir, tmp_path):
+    """Through the project's `export_tflite` (test_all_models.py checks fp32 parity of every
+    model at a small size; here the deployed 256 px graph and the plain full-integer file)."""
+    from compress.export import export_tflite
+
     keras.backend.clear_session()
     model = models.create_model("mobilevit_xxs", num_classes=10, input_size=256)
     imgs = load_images(imagenette_dir, 256, n=4)
 
-    fp32 = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    export_tflite(model, tmp_path / "fp32.tflite", fmt="fp32", input_size=256)
+    fp32 = (tmp_path / "fp32.tflite").read_bytes()
     ops = tflite_ops(fp32)
     assert_builtin_only(ops)
     assert "RESIZE_BILINEAR" not in ops and "CONV_2D" in ops and "BATCH_MATMUL" in ops
@@ -267,12 +252,10 @@ def test_tflite_fp32_and_int8_builtin_only(imagenette_dir):
     print(f"fp32 tflite max |tflite - keras| = {diff:.3g}")
     assert diff <= 1e-4
 
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = lambda: ([img[None]] for img in imgs)
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = conv.inference_output_type = tf.int8
-    int8 = conv.convert()
+    # the converter's plain full-integer file (TFLITE_BUILTINS_INT8: no float fallback)
+    export_tflite(model, tmp_path / "int8.tflite", fmt="int8", input_size=256, representative=imgs,
+                  xnnpack_friendly=False, strict_int8=True)
+    int8 = (tmp_path / "int8.tflite").read_bytes()
     assert_builtin_only(tflite_ops(int8))
     out = run_tflite(int8, imgs)
     assert out.shape == (4, 10) and np.isfinite(out).all()

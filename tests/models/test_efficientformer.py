@@ -236,7 +236,7 @@ def builtin_names():
 def tflite_files(images, tmp_path_factory):
     """fp32 and the converter's plain full-integer int8 (TFLITE_BUILTINS_INT8, float I/O), both
     through the project's `export_tflite`."""
-    from compress.export import export_tflite
+    from compress.tflite.convert import export_tflite
 
     keras.backend.clear_session()
     model = models.create_model("efficientformer_l1", num_classes=10, input_size=224)

@@ -509,7 +509,7 @@ def model_96m_224():
 
 def fp32_file(model, size, folder):
     """The model's fp32 file through the project's `export_tflite`, as bytes."""
-    from compress.export import export_tflite
+    from compress.tflite.convert import export_tflite
 
     export_tflite(model, folder / "fp32.tflite", fmt="fp32", input_size=size)
     return (folder / "fp32.tflite").read_bytes()

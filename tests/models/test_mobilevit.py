@@ -237,7 +237,7 @@ def assert_builtin_only(ops):
 def test_tflite_fp32_and_int8_builtin_only(imagenette_dir, tmp_path):
     """Through the project's `export_tflite` (test_all_models.py checks fp32 parity of every
     model at a small size; here the deployed 256 px graph and the plain full-integer file)."""
-    from compress.export import export_tflite
+    from compress.tflite.convert import export_tflite
 
     keras.backend.clear_session()
     model = models.create_model("mobilevit_xxs", num_classes=10, input_size=256)

@@ -67,6 +67,13 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
                  warmup_steps=2 if smoke else (150 if quick else 20_000)),
     )
     c.prune = dict(
+        # magnitude: zeros in the weights (tfmot); structured: whole heads, MLP units and
+        # expansion channels removed, a smaller dense model (compress/structured.py)
+        method="magnitude",
+        keep=0.7,  # structured: fraction of the distilled student's MACs kept (export size)
+        importance="taylor",  # structured: taylor | magnitude (compress/structured.py)
+        score_batches=2 if smoke else 16,  # structured: batches of the taylor importance
+        target_ms=0.0,  # structured: a latency budget instead of `keep` (not implemented yet)
         target_sparsity=0.5,
         schedule="polynomial",  # polynomial | constant
         m_by_n="",  # "" or "2:4"

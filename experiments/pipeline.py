@@ -92,13 +92,17 @@ def validate_flags() -> None:
     c = FLAGS.config
     checks = {"distill.kind": (c.distill.kind, ("soft", "hard", "none")),
               "prune.schedule": (c.prune.schedule, ("polynomial", "constant")),
-              "prune.m_by_n": (c.prune.m_by_n, ("", "2:4"))}
+              "prune.m_by_n": (c.prune.m_by_n, ("", "2:4")),
+              "prune.method": (c.prune.method, ("magnitude", "structured")),
+              "prune.importance": (c.prune.importance, ("taylor", "magnitude"))}
     for key, (value, accepted) in checks.items():
         if value not in accepted:
             _fail(f"--config.{key}: {value!r} is not accepted; accepted: {accepted}")
     if not 0 <= c.prune.target_sparsity < 1:
         _fail(f"--config.prune.target_sparsity must be in [0, 1), got "
                              f"{c.prune.target_sparsity}")
+    if c.prune.method == "structured":
+        _validate_structured(c, info)
     if c.export.float_layers:  # globs of student layer names: check them before any training
         from compress.export import layers_matching
 
@@ -107,6 +111,36 @@ def validate_flags() -> None:
                              c.export.float_layers)
         except ValueError as e:
             _fail(f"--config.export.{e}")
+
+
+def _validate_structured(c, info) -> None:
+    """--config.prune.method=structured: the keep fraction, the family and whether the model
+    can shrink that far (compress/structured.py), before any training."""
+    import models
+    from compress import structured
+
+    p = c.prune
+    if not 0 < p.keep <= 1:
+        _fail(f"--config.prune.keep must be in (0, 1], got {p.keep}")
+    if p.target_ms:
+        _fail("--config.prune.target_ms: a latency budget is not implemented yet; give the "
+              "budget as a MAC fraction, --config.prune.keep")
+    try:
+        structured.check_family(FLAGS.student)
+    except ValueError as e:
+        _fail(f"--config.prune.method=structured: {e}")
+    if p.score_batches < 1 and p.importance == "taylor":
+        _fail(f"--config.prune.score_batches must be >= 1, got {p.score_batches}")
+    # the MACs are counted at the size the stage counts them: the training model's fixed size,
+    # else the export size
+    size = info.default_size if info.fixed_size else (FLAGS.export_size or c.export.size or
+                                                      info.default_size)
+    smallest = structured.min_keep(models.create_model(FLAGS.student, num_classes=10,
+                                                       input_size=size), size)
+    if p.keep < smallest:
+        _fail(f"--config.prune.keep={p.keep} is out of reach for {FLAGS.student}: structured "
+              f"pruning keeps at least {smallest:.3f} of its MACs (one head, 8 channels per "
+              "block)")
 
 
 def main(argv):

@@ -33,8 +33,11 @@ per MAC, for `magnitude` the units of least normalised magnitude in any layer.
 Selection against a MAC budget (`keep`: fraction of the dense model's MACs): every unit's cost is
 the MACs of the layers it feeds and is fed by, divided by the group's units (all linear in the
 units); chunks of `granularity` units (8 channels, 1 head: vector widths XNNPACK packs well) are
-removed greedily, cheapest loss per MAC first, until the MACs fit. A group keeps at least one
-chunk (8 channels or one head), so a very small `keep` cannot be reached (`min_keep`).
+removed greedily, cheapest loss per MAC first, until the MACs fit. A group keeps at least
+`min_width` of its units (default a quarter, rounded up to a chunk; at least one chunk): a
+first-order estimate says little about removing most of a layer, and without the floor the
+greedy took the high-resolution expansions of a barely trained MobileViT-XXS from 32-48 down to
+8 channels at keep 0.7. So a very small `keep` cannot be reached (`min_keep`).
 
 MACs are counted per Keras layer (`layer_macs`, equal to `compress.audit.static_costs` on these
 families, a test checks), because a unit's cost needs the per-layer split.
@@ -52,6 +55,7 @@ from models.compat import keras, tf
 FAMILIES = ("mobilevit", "efficientformer")
 IMPORTANCE = ("taylor", "magnitude")
 CHANNEL_GRANULARITY = 8
+MIN_WIDTH = 0.25  # default fraction of every group's units that stays (module doc)
 
 
 @dataclasses.dataclass
@@ -85,8 +89,9 @@ def _numbers(name: str) -> tuple:
     return tuple(int(n) for n in re.findall(r"\d+", name))
 
 
-def unit_groups(model: keras.Model) -> list[Group]:
-    """The prunable groups of a MobileViT / EfficientFormer model, in `widths` order."""
+def unit_groups(model: keras.Model, min_width: float = MIN_WIDTH) -> list[Group]:
+    """The prunable groups of a MobileViT / EfficientFormer model, in `widths` order; each
+    keeps at least `min_width` of its units (rounded up to whole chunks, at least one)."""
     names = {layer.name for layer in model.layers}
     found = []
     for n in sorted(names):
@@ -110,8 +115,9 @@ def unit_groups(model: keras.Model) -> list[Group]:
             units = model.get_layer(f"{prefix}_q_heads_reshape").target_shape[1]
         else:
             units = _channels(model.get_layer(producers[0]))
+        minimum = max(1, -(-int(min_width * units) // gran)) * gran
         groups.append(Group(key, counts.get(key, 0), int(units), producers, consumers, extra,
-                            gran, gran))
+                            gran, min(minimum, int(units))))
         counts[key] = counts.get(key, 0) + 1
     return groups
 
@@ -135,15 +141,18 @@ def widths_of(groups: list[Group], kept: dict | None = None) -> dict:
 def layer_macs(model: keras.Model, input_size: int) -> dict[str, int]:
     """MACs of one batch-1 inference per layer (Conv2D, DepthwiseConv2D, Dense, MatMul).
 
-    Output shapes are taken from one batch-1 forward pass: MobileViT's tokens carry the pixel
-    position inside the patch in the batch axis, which symbolic shapes leave as None.
+    Shapes are taken from one batch-1 forward pass: MobileViT's tokens carry the pixel
+    position inside the patch in the batch axis, which symbolic shapes leave as None (and a
+    model with a dynamic input has no static token count).
     """
     from models.layers import MatMul
 
     kinds = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense, MatMul)
     layers = [l for l in model.layers if isinstance(l, kinds)]
-    probe = keras.Model(model.inputs, [l.output for l in layers])
+    probe = keras.Model(model.inputs, [l.output for l in layers] +
+                        [l.input[0] for l in layers if isinstance(l, MatMul)])
     outs = probe(np.zeros((1, input_size, input_size, 3), np.float32), training=False)
+    lhs = iter(outs[len(layers):])
     macs = {}
     for layer, out in zip(layers, outs):
         n = int(np.prod(out.shape))
@@ -156,7 +165,7 @@ def layer_macs(model: keras.Model, input_size: int) -> dict[str, int]:
         elif isinstance(layer, keras.layers.Dense):
             macs[layer.name] = n * int(layer.kernel.shape[0])
         else:
-            a = layer.input[0].shape
+            a = next(lhs).shape
             macs[layer.name] = n * int(a[-2] if layer.transpose_a else a[-1])
     return macs
 
@@ -167,9 +176,9 @@ def unit_costs(groups: list[Group], macs: dict[str, int]) -> dict[str, float]:
             for g in groups}
 
 
-def min_keep(model: keras.Model, input_size: int) -> float:
+def min_keep(model: keras.Model, input_size: int, min_width: float = MIN_WIDTH) -> float:
     """The smallest MAC fraction structured pruning reaches (every group at its minimum)."""
-    groups = unit_groups(model)
+    groups = unit_groups(model, min_width)
     macs = layer_macs(model, input_size)
     costs = unit_costs(groups, macs)
     total = sum(macs.values())
@@ -343,7 +352,8 @@ def transfer(src: keras.Model, dst: keras.Model, groups: list[Group], kept: dict
 
 
 def prune_structured(model: keras.Model, rebuild, *, keep: float, input_size: int,
-                     importance: str = "taylor", batches=None, loss_fn=None):
+                     importance: str = "taylor", batches=None, loss_fn=None,
+                     min_width: float = MIN_WIDTH):
     """Score, select and cut: the thinner model with `model`'s kept weights, and a summary.
 
     Args:
@@ -351,11 +361,12 @@ def prune_structured(model: keras.Model, rebuild, *, keep: float, input_size: in
       rebuild: widths -> a fresh model of the same family and heads with those widths.
       keep: fraction of `model`'s MACs at `input_size` to keep, in (0, 1].
       importance: 'taylor' (needs `batches` and `loss_fn`, see `taylor_scores`) or 'magnitude'.
+      min_width: fraction of every group's units that stays (module doc).
     Returns: (small model, dict(widths, macs, dense_macs, kept_fraction, importance)).
     """
     if importance not in IMPORTANCE:
         raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
-    groups = unit_groups(model)
+    groups = unit_groups(model, min_width)
     macs = layer_macs(model, input_size)
     total = sum(macs.values())
     costs = unit_costs(groups, macs)

@@ -72,6 +72,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         method="magnitude",
         keep=0.7,  # structured: fraction of the distilled student's MACs kept (export size)
         importance="taylor",  # structured: taylor | magnitude (compress/structured.py)
+        min_width=0.25,  # structured: fraction of every block's units that stays
         score_batches=2 if smoke else 16,  # structured: batches of the taylor importance
         target_ms=0.0,  # structured: a latency budget instead of `keep` (not implemented yet)
         target_sparsity=0.5,

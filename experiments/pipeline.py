@@ -135,12 +135,14 @@ def _validate_structured(c, info) -> None:
     # else the export size
     size = info.default_size if info.fixed_size else (FLAGS.export_size or c.export.size or
                                                       info.default_size)
+    if not 0 < p.min_width <= 1:
+        _fail(f"--config.prune.min_width must be in (0, 1], got {p.min_width}")
     smallest = structured.min_keep(models.create_model(FLAGS.student, num_classes=10,
-                                                       input_size=size), size)
+                                                       input_size=size), size, p.min_width)
     if p.keep < smallest:
         _fail(f"--config.prune.keep={p.keep} is out of reach for {FLAGS.student}: structured "
-              f"pruning keeps at least {smallest:.3f} of its MACs (one head, 8 channels per "
-              "block)")
+              f"pruning keeps at least {smallest:.3f} of its MACs (--config.prune.min_width="
+              f"{p.min_width} of every block's units)")
 
 
 def main(argv):

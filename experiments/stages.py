@@ -312,7 +312,7 @@ class Run:
             small, cut = structured.prune_structured(
                 dense, lambda w: self.build_student(training_heads=True,
                                                     overrides={"widths": w}),
-                keep=p.keep, input_size=size, importance=p.importance,
+                keep=p.keep, input_size=size, importance=p.importance, min_width=p.min_width,
                 batches=batches.take(p.score_batches), loss_fn=objective)
             write_json(cut_path, cut)
             print(f"[prune] structured: {cut['kept_fraction']:.3f} of {cut['dense_macs']:,} "

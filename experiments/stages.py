@@ -326,9 +326,9 @@ class Run:
         stage.save_model_json(name=self.student, num_classes=self.num_classes,
                               overrides={"widths": cut["widths"]}, prune_method="structured",
                               kept_fraction=cut["kept_fraction"])
+        params = int(sum(np.prod(w.shape) for w in distiller.student.trainable_weights))
         stage.finish({**m, "kept_fraction": cut["kept_fraction"], "macs": cut["macs"],
-                      "dense_macs": cut["dense_macs"],
-                      "params": int(distiller.student.count_params())})
+                      "dense_macs": cut["dense_macs"], "params": params})
 
     def prune_facts(self, stage_name) -> dict:
         """`prune_method` and `kept_fraction` of a stage's model (results.csv columns): the

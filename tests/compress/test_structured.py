@@ -120,8 +120,8 @@ def test_units_with_zero_outgoing_weights_are_removed_exactly(name, images):
         assert np.any(scores[g.name][kept[g.name]] > 0)
 
 
-@pytest.mark.parametrize("keep", [0.8, 0.6])
-def test_cut_model_fits_the_mac_budget_and_rebuilds_from_model_json(xxs, images, keep, tmp_path):
+def test_cut_model_fits_the_mac_budget_and_rebuilds_from_model_json(xxs, images, tmp_path):
+    keep = 0.7
     small, info = st.prune_structured(xxs, rebuild("mobilevit_xxs"), keep=keep, input_size=S,
                                       importance="magnitude")
     dense, cut = static_costs(xxs, S)["macs"], static_costs(small, S)["macs"]
@@ -132,7 +132,8 @@ def test_cut_model_fits_the_mac_budget_and_rebuilds_from_model_json(xxs, images,
         if key != "heads":
             assert all(n % 8 == 0 for n in info["widths"][key])
     # model.json carries the widths; create_model rebuilds the model without this module
-    spec = json.loads(json.dumps({"name": "mobilevit_xxs", "overrides": {"widths": info["widths"]}}))
+    spec = json.loads(json.dumps({"name": "mobilevit_xxs",
+                                  "overrides": {"widths": info["widths"]}}))
     small.save_weights(str(tmp_path / "w.h5"))
     again = models.create_model(spec["name"], num_classes=10, **spec["overrides"])
     again.load_weights(str(tmp_path / "w.h5"))

@@ -39,8 +39,8 @@ first-order estimate says little about removing most of a layer, and without the
 greedy took the high-resolution expansions of a barely trained MobileViT-XXS from 32-48 down to
 8 channels at keep 0.7. So a very small `keep` cannot be reached (`min_keep`).
 
-MACs are counted per Keras layer (`layer_macs`, equal to `compress.audit.static_costs` on these
-families, a test checks), because a unit's cost needs the per-layer split.
+MACs are counted per Keras layer (`layer_macs`, equal to `compress.measure.costs.static_costs`
+on these families, a test checks), because a unit's cost needs the per-layer split.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 Reads `<workdir>/results.csv` of each workdir, adds a `workdir` column, and writes to `--out`:
 `results.csv` (all rows, keyed by workdir, path, threads and delegate), `report.md` with the
-three plots of `compress.results.write_report`, and TensorBoard HParams under `<out>/tb/hparams`
+three plots of `compress.results.report.write_report`, and TensorBoard HParams under `<out>/tb/hparams`
 (one trial per row; `tensorboard --logdir <out>/tb/hparams`). Latencies measured on different
 machines are not comparable; the report lists each workdir's machine.json.
 """
@@ -28,7 +28,7 @@ def load_workdirs(workdirs: Sequence[str]) -> tuple[list[dict], list[dict]]:
     Raises:
       ValueError naming `--workdirs` for an empty list, a missing folder or a missing results.csv.
     """
-    from compress.results import read_results
+    from compress.results.table import read_results
 
     workdirs = [w for w in (workdirs or []) if w.strip()]
     if not workdirs:
@@ -53,7 +53,9 @@ def load_workdirs(workdirs: Sequence[str]) -> tuple[list[dict], list[dict]]:
 
 def compare(workdirs: Sequence[str], out: str, *, title: str | None = None) -> dict:
     """Merge the workdirs' results into `out`; returns the paths written."""
-    from compress.results import KEY, write_hparams, write_report, write_results
+    from compress.results.hparams import write_hparams
+    from compress.results.report import write_report
+    from compress.results.table import KEY, write_results
 
     if not out:
         raise ValueError("--out: give the folder for the comparison")

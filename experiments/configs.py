@@ -23,6 +23,11 @@ def _optim(steps, lr, weight_decay, warmup_steps, min_lr_ratio=0.01, label_smoot
                 min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing)
 
 
+def _kd(kind="soft", alpha=0.5, temperature=2.0):
+    """The teacher's part in a prune or QAT stage (compress.distill.KINDS; `kd_alpha` weighs it)."""
+    return dict(kind=kind, kd_alpha=alpha, temperature=temperature)
+
+
 def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {preset!r}; accepted: {', '.join(PRESETS)}")
@@ -43,6 +48,10 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         mixup=0.0,
         cutmix=0.0,
     )
+    # The student's multi-scale sampler; the prune and QAT stages start from the same one (each
+    # section owns a copy: `--config.qat.sampler.multiscale=false` changes QAT alone).
+    sampler = _sampler(*((64, 96, 2, 64, 16) if smoke else
+                         ((128, 256, 5, 192, 48) if quick else (160, 320, 5, 256, 128))))
     c.teacher = dict(
         input_size=64 if smoke else (128 if quick else 224),
         batch_size=16 if smoke else (64 if quick else 256),
@@ -52,7 +61,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
                  weight_decay=0.05, warmup_steps=2 if smoke else (150 if quick else 5000)),
     )
     c.distill = dict(
-        kind="soft",  # soft | hard | none
+        kind="soft",  # compress.distill.KINDS: soft | hard | none
         alpha=0.5,
         temperature=2.0,
         # Also train a labels-only student at the same budget, for comparison. Off in `quick`: it
@@ -60,8 +69,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         baseline=False,
         checkpoint_every=10 if smoke else 200,
         eval_every=0,
-        sampler=_sampler(*( (64, 96, 2, 64, 16) if smoke else
-                            ((128, 256, 5, 192, 48) if quick else (160, 320, 5, 256, 128)))),
+        sampler=sampler,
         **_optim(steps=8 if smoke else (1200 if quick else 300_000), lr=2e-3,
                  weight_decay=0.01 if not smoke else 0.0,
                  warmup_steps=2 if smoke else (150 if quick else 20_000)),
@@ -82,14 +90,14 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         begin_frac=0.0,
         end_frac=0.7,
         frequency=2 if smoke else 50,
-        kd_alpha=0.5,
+        **_kd(),
         checkpoint_every=10 if smoke else 200,
         **_optim(steps=6 if smoke else (400 if quick else 30_000), lr=5e-4,
                  weight_decay=0.0, warmup_steps=0, label_smoothing=0.1),
     )
     c.qat = dict(
         preserve_sparsity=True,
-        kd_alpha=0.5,
+        **_kd(),
         checkpoint_every=10 if smoke else 200,
         # quick: 300 steps left the QAT int8 file 1.1 points under the distilled fp32 one on
         # Imagenette, 600 steps 0.2 (README); ~8 more minutes on 2 cores
@@ -97,7 +105,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
                  weight_decay=0.0, warmup_steps=0, label_smoothing=0.1),
     )
     for stage in (c.prune, c.qat):
-        stage.batch_size = 16 if smoke else 48
+        stage.sampler = dict(sampler)
     c.export = dict(
         size=64 if smoke else 0,  # 0: the student's default size
         representative_images=8 if smoke else 200,

@@ -21,8 +21,10 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from compress.training import STRATEGIES
+from experiments.configs import PRESETS
+
 STAGES = ("teacher", "distill", "prune", "qat", "export", "benchmark", "report")
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 _CONFIG_FILE = str(pathlib.Path(__file__).with_name("configs.py"))
 
 FLAGS = flags.FLAGS
@@ -31,7 +33,7 @@ flags.DEFINE_string("teacher", None, "registry name of a ViT teacher (trained in
                     "stage), a teacher stage folder saved by this project, or a Google ViT .npz")
 flags.DEFINE_string("data", None, "folder with train/ and val/ class subfolders, or tfds:NAME")
 flags.DEFINE_string("workdir", None, "output folder (see CONTRACT.md for its layout)")
-flags.DEFINE_enum("preset", "smoke", ("smoke", "quick", "full"), "hyperparameter preset")
+flags.DEFINE_enum("preset", "smoke", PRESETS, "hyperparameter preset")
 flags.DEFINE_list("stages", list(STAGES), f"stages to run, a subset of {','.join(STAGES)}")
 flags.DEFINE_bool("overwrite", False, "redo the selected stages even if they are DONE")
 flags.DEFINE_enum("strategy", "default", STRATEGIES, "tf.distribute strategy for training")
@@ -48,7 +50,7 @@ def _preset_from_argv(argv: list[str]) -> str:
             preset = a.split("=", 1)[1]
         elif a == "--preset" and i + 1 < len(argv):
             preset = argv[i + 1]
-    return preset if preset in ("smoke", "quick", "full") else "smoke"  # DEFINE_enum reports it
+    return preset if preset in PRESETS else "smoke"  # DEFINE_enum reports it
 
 
 try:
@@ -89,9 +91,12 @@ def validate_flags() -> None:
                                           FLAGS.export_size % info.size_divisor):
         _fail(f"--export_size: {FLAGS.export_size} is not a positive multiple of "
                              f"{info.size_divisor}, which {FLAGS.student} needs")
+    from compress.distill import KINDS
+    from compress.prune import SCHEDULES
+
     c = FLAGS.config
-    checks = {"distill.kind": (c.distill.kind, ("soft", "hard", "none")),
-              "prune.schedule": (c.prune.schedule, ("polynomial", "constant")),
+    checks = {"distill.kind": (c.distill.kind, KINDS), "prune.kind": (c.prune.kind, KINDS),
+              "qat.kind": (c.qat.kind, KINDS), "prune.schedule": (c.prune.schedule, SCHEDULES),
               "prune.m_by_n": (c.prune.m_by_n, ("", "2:4")),
               "prune.method": (c.prune.method, ("magnitude", "structured")),
               "prune.importance": (c.prune.importance, ("taylor", "magnitude"))}
@@ -104,7 +109,7 @@ def validate_flags() -> None:
     if c.prune.method == "structured":
         _validate_structured(c, info)
     if c.export.float_layers:  # globs of student layer names: check them before any training
-        from compress.export import layers_matching
+        from compress.tflite.fast_int8 import layers_matching
 
         try:
             layers_matching(models.create_model(FLAGS.student, num_classes=10),

@@ -32,7 +32,7 @@ class Run:
     def __init__(self, *, student, teacher, data, workdir, config, strategy="default",
                  export_size=None, overwrite=False):
         from compress import training
-        from experiments import input_pipeline
+        from experiments import data as input_data
 
         self.student, self.teacher_arg, self.data = student, teacher, data
         self.workdir = pathlib.Path(workdir)
@@ -43,9 +43,9 @@ class Run:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tb = self.workdir / "tb"
         d = config.data
-        self.train_src = input_pipeline.load_source(data, "train",
+        self.train_src = input_data.load_source(data, "train",
                                                     limit_per_class=d.train_per_class or None)
-        self.val_src = input_pipeline.load_source(data, "val",
+        self.val_src = input_data.load_source(data, "val",
                                                   limit_per_class=d.val_per_class or None)
         self.num_classes = self.train_src.num_classes
         self.strategy = training.get_strategy(strategy)
@@ -78,7 +78,7 @@ class Run:
 
     # --------------------------------------------------------------------------- data helpers
     def _sampler(self, section, *, size=None, batch=None):
-        from experiments.input_pipeline import MultiScaleSampler
+        from experiments.data import MultiScaleSampler
 
         if size is not None:
             return MultiScaleSampler.fixed(size, batch, num_replicas=self.replicas)
@@ -90,25 +90,26 @@ class Run:
                                  seed=self.cfg.seed, num_replicas=self.replicas)
 
     def _train_ds_factory(self, sampler):
-        from experiments import input_pipeline
+        from experiments import data as input_data
 
         d = self.cfg.data
-        augment = input_pipeline.Augment(scale=(d.scale_min, 1.0),
+        augment = input_data.Augment(scale=(d.scale_min, 1.0),
                                          randaugment=2 if d.randaugment else 0,
                                          mixup_alpha=d.mixup, cutmix_alpha=d.cutmix)
 
         def make(start_step: int):
-            return input_pipeline.train_dataset(self.train_src, sampler, start_step=start_step,
-                                                augment=augment, seed=self.cfg.seed)
+            return input_data.train_dataset(self.train_src, sampler, start_step=start_step,
+                                            augment=augment, seed=self.cfg.seed,
+                                            crop_pct=d.crop_pct)
 
         return make
 
     def _val_ds(self, size, limit=None):
-        from experiments import input_pipeline
+        from experiments import data as input_data
 
-        return input_pipeline.eval_dataset(self.val_src, size=size,
-                                           batch_size=self.cfg.eval_batch_size,
-                                           crop_pct=self.cfg.data.crop_pct, limit=limit)
+        return input_data.eval_dataset(self.val_src, size=size,
+                                       batch_size=self.cfg.eval_batch_size,
+                                       crop_pct=self.cfg.data.crop_pct, limit=limit)
 
     # --------------------------------------------------------------------------- model helpers
     def build_student(self, input_size=None, *, training_heads=False, overrides=None):
@@ -210,16 +211,17 @@ class Run:
         return correct / max(total, 1)
 
     def _student_fit(self, stage, section, *, kind, alpha, student_fn, tb_name, callbacks_fn=None):
+        """Train a student with `section`'s optimiser, sampler and temperature."""
         from compress.distill import Distiller
 
         teacher, teacher_size = self.load_teacher() if kind != "none" else (None, None)
 
         def build():
             return Distiller(student_fn(), teacher, kind=kind, alpha=alpha,
-                             temperature=self.cfg.distill.temperature, teacher_size=teacher_size,
+                             temperature=section.temperature, teacher_size=teacher_size,
                              label_smoothing=section.label_smoothing)
 
-        sampler = self._sampler(self.cfg.distill)
+        sampler = self._sampler(section)
         return self._fit(stage, build, sampler, section, tb_name=tb_name,
                          eval_size=self.export_size, callbacks_fn=callbacks_fn)
 
@@ -277,7 +279,7 @@ class Run:
                                        **self._prune_kwargs())
 
         distiller, m = self._student_fit(
-            stage, p, kind=self.cfg.distill.kind, alpha=p.kd_alpha, student_fn=student_fn,
+            stage, p, kind=p.kind, alpha=p.kd_alpha, student_fn=student_fn,
             tb_name="prune", callbacks_fn=lambda: prune.pruning_callbacks(str(self.tb / "prune")))
         stripped = prune.strip(distiller.student)
         report = prune.sparsity_report(stripped)
@@ -294,7 +296,7 @@ class Run:
         from compress import structured
         from compress.distill import Distiller
 
-        p, d = self.cfg.prune, self.cfg.distill
+        p = self.cfg.prune
         cut_path = stage.path / "structured.json"
 
         def student_fn():
@@ -302,13 +304,13 @@ class Run:
                 return self.build_student(training_heads=True,
                                           overrides={"widths": read_json(cut_path)["widths"]})
             dense = self._load_student("distill", training_heads=True)
-            teacher, teacher_size = self.load_teacher() if d.kind != "none" else (None, None)
+            teacher, teacher_size = self.load_teacher() if p.kind != "none" else (None, None)
             objective = structured.distillation_objective(Distiller(
-                dense, teacher, kind=d.kind, alpha=p.kd_alpha, temperature=d.temperature,
+                dense, teacher, kind=p.kind, alpha=p.kd_alpha, temperature=p.temperature,
                 teacher_size=teacher_size, label_smoothing=p.label_smoothing))
             size = dense.input_shape[1] or self.export_size
-            batches = self._train_ds_factory(self._sampler(None, size=size,
-                                                           batch=p.batch_size))(0)
+            batches = self._train_ds_factory(self._sampler(
+                None, size=size, batch=p.sampler.base_batch))(0)
             small, cut = structured.prune_structured(
                 dense, lambda w: self.build_student(training_heads=True,
                                                     overrides={"widths": w}),
@@ -319,7 +321,7 @@ class Run:
                   f"MACs kept ({p.importance} importance), widths {cut['widths']}")
             return small
 
-        distiller, m = self._student_fit(stage, p, kind=d.kind, alpha=p.kd_alpha,
+        distiller, m = self._student_fit(stage, p, kind=p.kind, alpha=p.kd_alpha,
                                          student_fn=student_fn, tb_name="prune")
         cut = read_json(cut_path)
         stage.save_weights(distiller.student)
@@ -356,7 +358,7 @@ class Run:
             return quantize.apply_qat(self._load_student(source, training_heads=True),
                                       preserve_sparsity=q.preserve_sparsity and sparse)
 
-        distiller, m = self._student_fit(stage, q, kind=self.cfg.distill.kind, alpha=q.kd_alpha,
+        distiller, m = self._student_fit(stage, q, kind=q.kind, alpha=q.kd_alpha,
                                          student_fn=student_fn, tb_name="qat")
         stage.save_weights(distiller.student)
         stage.save_model_json(name=self.student, num_classes=self.num_classes,
@@ -386,13 +388,14 @@ class Run:
         return infer
 
     def stage_export(self, stage: StageDir) -> None:
-        from compress.audit import audit_tflite
-        from compress.export import export_tflite
-        from experiments.input_pipeline import representative_images
+        from compress.tflite.audit import audit_tflite
+        from compress.tflite.convert import export_tflite
+        from experiments.data import representative_images
 
         e, size = self.cfg.export, self.export_size
         stage.begin({"size": size, **e.to_dict()})
-        rep = representative_images(self.train_src, size, e.representative_images)
+        rep = representative_images(self.train_src, size, e.representative_images,
+                                    seed=self.cfg.seed, crop_pct=self.cfg.data.crop_pct)
         manifest_path = stage.path / "manifest.json"
         manifest = read_json(manifest_path) if manifest_path.exists() else {}
         for stage_name in EXPORT_STAGES:
@@ -419,16 +422,16 @@ class Run:
         stage.finish({"files": sorted(manifest)})
 
     def _forget_results(self, rel: str) -> None:
-        from compress import results
+        from compress.results import table
 
-        if os.path.exists(results.results_path(str(self.workdir))):
-            rows = [r for r in results.read_results(str(self.workdir)) if r["path"] != rel]
-            results.write_results(str(self.workdir), rows, merge=False)
+        if os.path.exists(table.results_path(str(self.workdir))):
+            rows = [r for r in table.read_results(str(self.workdir)) if r["path"] != rel]
+            table.write_results(str(self.workdir), rows, merge=False)
 
     # ------------------------------------------------------------------------------- benchmark
     def stage_benchmark(self, stage: StageDir) -> None:
-        from compress import benchmark
-        from compress.audit import static_costs
+        from compress.measure.costs import static_costs
+        from experiments.benchmark import benchmark_files
 
         b = self.cfg.benchmark
         stage.begin(b.to_dict())
@@ -462,7 +465,7 @@ class Run:
                     "sparsity": meta["audit"].get("sparsity"), **self.prune_facts(meta["stage"])}
 
         threads = [t or os.cpu_count() for t in b.threads]
-        benchmark.benchmark_files(
+        benchmark_files(
             str(self.workdir), [str(self.workdir / r) for r in sorted(manifest)],
             threads=threads, delegates=list(b.delegates), warmup=b.warmup, runs=b.runs,
             input_size=size, dataset=val, file_info=file_info, deny_amx=b.deny_amx,
@@ -470,12 +473,13 @@ class Run:
         stage.finish({"files": len(manifest)})
 
     def stage_report(self, stage: StageDir) -> None:
-        from compress import results
+        from compress.results.hparams import write_hparams
+        from compress.results.report import write_report
 
         stage.begin({})
-        report = results.write_report(str(self.workdir), title=f"{self.student} from "
-                                      f"{self.teacher_arg} ({self.cfg.preset} preset)")
-        results.write_hparams(str(self.workdir))
+        report = write_report(str(self.workdir), title=f"{self.student} from "
+                              f"{self.teacher_arg} ({self.cfg.preset} preset)")
+        write_hparams(str(self.workdir))
         lines = ["", "## Training stages (Keras, validation split)", "",
                  "| stage | val top-1 | steps | minutes | note |", "|---|---|---|---|---|"]
         for name in ("teacher", "distill", "prune", "qat"):

@@ -2,7 +2,7 @@
 
     python scripts/bench_input.py --data=/work/shared/data/imagenette2-160 --seconds=30
 
-Runs `experiments.input_pipeline.train_dataset` on its own (no model) and prints, for each
+Runs `experiments.data.train_dataset` on its own (no model) and prints, for each
 sampler, the steady-state images/s and batches/s (the first `--warmup` batches are not timed),
 plus the load + decode-check time of the source and the eval pipeline's images/s.
 
@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import input_pipeline as ip  # noqa: E402
+from experiments import data as ip  # noqa: E402
 
 
 def _time(ds, seconds: float, warmup: int):

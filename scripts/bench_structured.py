@@ -10,8 +10,9 @@ re-estimated on real images (as `scripts/bench_tflite.py` does), and cut to ever
 fraction of its MACs by `compress.structured.prune_structured` with `magnitude` importance (the
 widths, hence the latency, depend on the importance; trained weights and the Taylor importance
 of the pipeline give other widths at the same MACs). Every model is exported to fp32 and int8 by
-`compress.export.export_tflite` (the pipeline's fast int8 path, the same representative images)
-and timed by `compress.benchmark.measure_latency` in fresh processes, one thread, XNNPACK.
+`compress.tflite.convert.export_tflite` (the pipeline's fast int8 path, the same representative
+images) and timed by `compress.measure.latency.measure_latency` in fresh processes, one
+thread, XNNPACK.
 
 `--sparse` also zeroes the 50% (and 75%) smallest weights of every Conv2D/Dense kernel the
 pipeline's magnitude prune touches (`prune.skip` globs of the preset) in the dense model and
@@ -60,8 +61,8 @@ def _zero_smallest(model, fraction: float, skip) -> None:
 
 
 def _row(path, *, label, fmt, costs, args):
-    from compress.audit import audit_tflite
-    from compress.benchmark import measure_latency
+    from compress.measure.latency import measure_latency
+    from compress.tflite.audit import audit_tflite
 
     lat = measure_latency(path, threads=1, warmup=args.warmup, runs=args.runs,
                           repeats=args.repeats, fallback=True)
@@ -88,8 +89,8 @@ def main(argv=None) -> int:
 
     import models
     from compress import structured
-    from compress.audit import static_costs
-    from compress.export import export_tflite
+    from compress.measure.costs import static_costs
+    from compress.tflite.convert import export_tflite
     from experiments.configs import get_config
     from models.compat import keras
 

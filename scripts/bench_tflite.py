@@ -6,8 +6,8 @@
 Each model is built with `models.create_model(name, input_size=default_size)` (random weights,
 1000 classes), converted to every format (`fp32`, `fp16`, `drq`, `int8` = full integer with a
 representative set of random images, or real ones with `--calib_dir`), and each file is timed
-with `compress.benchmark.measure_latency` for every thread count and delegate. Conversion uses
-`compress.export.export_tflite` (the fast int8 path); `--reference_converter=stock` converts the
+with `compress.measure.latency.measure_latency` for every thread count and delegate. Conversion uses
+`compress.tflite.convert.export_tflite` (the fast int8 path); `--reference_converter=stock` converts the
 reference implementation with a plain TFLiteConverter instead.
 
 `--reference=kecam` also builds the same architectures from another Keras implementation,
@@ -86,14 +86,14 @@ _RECALIBRATE_BN = flags.DEFINE_bool(
     "the calibration images before converting: with init statistics the logits barely depend on "
     "the image, and top-1 agreement would measure nothing.")  # fmt: skip
 _FLOOR = flags.DEFINE_bool(
-    "floor", True, "Measure this host's GEMM ceiling (compress.benchmark.gemm_ceiling) and give "
+    "floor", True, "Measure this host's GEMM ceiling (compress.measure.floor.gemm_ceiling) and give "
     "each file its floor, 2 * MACs / ceiling, and p50 / floor.")  # fmt: skip
 _REFERENCE = flags.DEFINE_list(
     "reference", [], "Other Keras implementations to time beside ours, among: kecam "
     "(keras-cv-attention-models 1.4.3). Models it lacks are skipped for it.")  # fmt: skip
 _REFERENCE_CONVERTER = flags.DEFINE_enum(
     "reference_converter", "stock", ["stock", "ours"], "How reference models are converted: the "
-    "stock TFLiteConverter as their users would, or our compress.export.")  # fmt: skip
+    "stock TFLiteConverter as their users would, or our compress.tflite.convert.")  # fmt: skip
 
 # Other Keras implementations of our architectures: registered name -> "module.builder" inside
 # the package. kecam has no Mobile-Former and its ViTs differ in layout, so only these six.
@@ -199,7 +199,7 @@ def convert(
     returns {'converter', 'convert_s', ...export info}."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    from compress.export import export_tflite
+    from compress.tflite.convert import export_tflite
 
     t0 = time.perf_counter()
     if not stock:
@@ -211,7 +211,7 @@ def convert(
             representative=(lambda: ([x] for x in representative)) if representative else None,
         )
         info = dict(info or {})
-        converter = "compress.export"
+        converter = "compress.tflite.convert"
     else:
         _plain_convert(model, path, fmt, input_size, representative)
         info, converter = {}, "TFLiteConverter"
@@ -242,7 +242,7 @@ def _fidelity(model, path: str, images: list[np.ndarray]) -> dict:
     """Keras-vs-file comparison on `images` (agreement, errors); {} without images."""
     if model is None or not images:
         return {}
-    from compress.audit import parity
+    from compress.tflite.audit import parity
 
     try:
         p = parity(model, path, np.concatenate(images), threads=1)
@@ -257,10 +257,9 @@ def _sidecar(path: str) -> str:
 
 
 def _write_sidecar(path: str, info: dict) -> None:
-    tmp = _sidecar(path) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1, default=str)
-    os.replace(tmp, _sidecar(path))
+    from compress.io import write_json
+
+    write_json(_sidecar(path), info)
 
 
 def _read_sidecar(path: str) -> dict:
@@ -273,7 +272,7 @@ def _read_sidecar(path: str) -> dict:
 
 def _audit(path: str) -> dict:
     try:
-        from compress.audit import audit_tflite
+        from compress.tflite.audit import audit_tflite
     except ImportError:
         return {}
     try:
@@ -337,10 +336,11 @@ def bench_models(
     implementation that has the model; one result dict per (file, threads, delegate).
 
     `num_eval`, `recalibrate_bn` and `floor` are the flags of the same names (off by default
-    here, on in the command line); `ceiling_fn` replaces `compress.benchmark.gemm_ceiling`."""
+    here, on in the command line); `ceiling_fn` replaces `compress.measure.floor.gemm_ceiling`."""
     import models
-    from compress.audit import static_costs
-    from compress.benchmark import gemm_ceiling, machine_info
+    from compress.measure.costs import static_costs
+    from compress.measure.floor import gemm_ceiling
+    from compress.measure.host import machine_info
 
     check_names(names)
     bad = [f for f in formats if f not in FORMATS]
@@ -413,7 +413,9 @@ def _bench_one(model, name, impl, size, paths, rep, *, stock, reuse, time_files,
                extra=None, ceiling=None) -> list[dict]:
     """Convert one built model to every format (`paths`: format -> file), compare each file with
     the model on `evals` (kept beside the file), and time each file."""
-    from compress.benchmark import file_sizes, floor_ms, measure_latency
+    from compress.io import file_sizes
+    from compress.measure.floor import floor_ms
+    from compress.measure.latency import measure_latency
 
     results = []
     for fmt, path in paths.items():
@@ -581,11 +583,9 @@ def main(argv: Sequence[str]) -> None:
             print(f"GEMM ceiling, threads={key[0]} amx={key[1]}: fp32 {c['fp32_gflops']:.0f} GFLOP/s, "
                   f"int8 {c['int8_gops']:.0f} GOP/s (floor = 2 * MACs / ceiling; x_floor = p50 / floor)")
     if _JSON.value:
-        folder = os.path.dirname(os.path.abspath(_JSON.value))
-        os.makedirs(folder, exist_ok=True)
-        with open(_JSON.value + ".tmp", "w") as f:
-            json.dump(results, f, indent=2, default=str)
-        os.replace(_JSON.value + ".tmp", _JSON.value)
+        from compress.io import write_json
+
+        write_json(_JSON.value, results)
         print(f"wrote {_JSON.value}")
 
 

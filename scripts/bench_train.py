@@ -6,7 +6,7 @@
 
 Part 1: a labels-only step and a soft-distillation step (teacher at `--teacher_size`) of the
 student at `--size`, on in-memory random batches (no input pipeline cost), for each precision.
-Part 2 (when `experiments.input_pipeline` exists): the labels-only student fed by the real
+Part 2 (when `experiments.data` exists): the labels-only student fed by the real
 pipeline from `--data`, MobileViT's multi-scale sampler (160..320, base 256 x `--batch`) against a
 fixed 256 x `--batch` sampler, with the time of one epoch-equivalent (the train split's images)
 projected from `--pipeline_steps` timed steps.
@@ -105,7 +105,7 @@ def part1(args, student_name: str) -> list[tuple]:
 
 def part2(args, student_name: str) -> list[tuple] | None:
     try:
-        from experiments import input_pipeline as ip
+        from experiments import data as ip
     except ImportError as e:
         print(f"\nskipping the multi-scale vs fixed-256 comparison: {e}")
         return None

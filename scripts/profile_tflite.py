@@ -27,6 +27,9 @@ from typing import Sequence
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from compress.child import run_in_child  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 
@@ -56,28 +59,6 @@ FAMILIES = (
     ("runtime", r"xnn_run_operator|invoke_runtime|pthreadpool|xnn_compute|memset"),
 )
 _DROPPED = re.compile(r"blas_thread|^_?Py|gc_collect|unicodekeys|visit_")
-
-# The timed loop, run under perf in a fresh interpreter (no TensorFlow import).
-_CHILD = """
-import sys, time
-import numpy as np
-from ai_edge_litert.interpreter import Interpreter
-path, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-it = Interpreter(model_path=path, num_threads=threads)
-it.allocate_tensors()
-for d in it.get_input_details():
-    x = np.random.default_rng(0).uniform(-1, 1, d["shape"])
-    it.set_tensor(d["index"], x.astype(d["dtype"]))
-for _ in range(10):
-    it.invoke()
-t = []
-for _ in range(n):
-    t0 = time.perf_counter()
-    it.invoke()
-    t.append(time.perf_counter() - t0)
-print(np.median(t) * 1e3)
-"""
-
 
 def family(symbol: str) -> str | None:
     """The kernel family of a sampled symbol, None for samples outside the interpreter's work."""
@@ -111,12 +92,14 @@ def profile(path: str, *, invokes: int = 1000, threads: int = 1) -> tuple[float,
         raise FileNotFoundError(f"no such .tflite file: {path}")
     with tempfile.TemporaryDirectory(prefix="profile_") as tmp:
         data = os.path.join(tmp, "perf.data")
-        rec = subprocess.run(
-            ["perf", "record", "-q", "-o", data, "--", sys.executable, "-c", _CHILD, path,
-             str(invokes), str(threads)], capture_output=True, text=True)  # fmt: skip
-        if rec.returncode != 0:
-            raise RuntimeError(f"perf record failed: {rec.stderr.strip()[-300:]}")
-        p50 = float(rec.stdout.strip().splitlines()[-1])
+        # the project's timed loop (a fresh process without TensorFlow), under perf
+        loop = run_in_child("compress.measure.latency:child_measure",
+                            dict(path=os.path.abspath(path), threads=threads, delegate="xnnpack",
+                                 warmup=10, runs=invokes, min_secs=0.0, input_size=None),
+                            prefix=["perf", "record", "-q", "-o", data, "--"])
+        if "error" in loop:
+            raise RuntimeError(f"perf record failed: {loop['error'][-300:]}")
+        p50 = loop["latency_p50_ms"]
         rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "dso,symbol"],
                              capture_output=True, text=True)
     return p50, {k: v * p50 for k, v in parse_report(rep.stdout).items()}

@@ -1,7 +1,7 @@
 """Latency harness, TFLite evaluation, results.csv/report/HParams, compare and bench_tflite.
 
 The .tflite files are tiny models converted here with a plain TFLiteConverter (a private
-stand-in for compress.export, which this file does not depend on).
+stand-in for compress.tflite.convert, which this file does not depend on).
 """
 
 import csv
@@ -16,8 +16,10 @@ import sys
 import numpy as np
 import pytest
 
-from compress import benchmark as bm
-from compress import results as res
+from compress.measure import accuracy, floor, host, latency
+from compress.results import hparams, report, table
+from compress.tflite import interpreter
+from experiments import benchmark as ebench
 from models.compat import keras, tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -83,7 +85,7 @@ def files(tmp_path_factory):
 
 
 def test_latency_runs_in_a_fresh_process_with_sane_statistics(files):
-    r = bm.measure_latency(files["fp32"], threads=1, **FAST)
+    r = latency.measure_latency(files["fp32"], threads=1, **FAST)
     assert r["error"] is None and r["note"] == ""
     assert r["pid"] != os.getpid()
     assert r["runtime"] == "ai_edge_litert" and r["runtime_version"]
@@ -99,7 +101,7 @@ def test_latency_runs_in_a_fresh_process_with_sane_statistics(files):
 
 
 def test_repeats_use_one_fresh_process_each(files):
-    r = bm.measure_latency(files["fp32"], threads=1, repeats=3, **FAST)
+    r = latency.measure_latency(files["fp32"], threads=1, repeats=3, **FAST)
     assert r["repeats"] == 3 and len(set(r["pids"])) == 3 and os.getpid() not in r["pids"]
     assert r["latency_p50_ms"] == pytest.approx(float(np.median(r["latency_p50_ms_repeats"])))
     assert r["runs"] >= 3 * FAST["runs"]
@@ -108,20 +110,20 @@ def test_repeats_use_one_fresh_process_each(files):
 def test_amx_can_be_refused_to_the_timed_process(files):
     """On a CPU with AMX-INT8 the child either leaves it to XNNPACK or refuses it (seccomp on
     the permission request); elsewhere the column says it is absent. The parent is untouched."""
-    allowed = bm.measure_latency(files["int8"], threads=1, **FAST)
-    denied = bm.measure_latency(files["int8"], threads=1, deny_amx=True, **FAST)
+    allowed = latency.measure_latency(files["int8"], threads=1, **FAST)
+    denied = latency.measure_latency(files["int8"], threads=1, deny_amx=True, **FAST)
     for r in (allowed, denied):
         assert r["error"] is None and r["latency_p50_ms"] > 0 and r["partitions"] >= 1
-    if bm.cpu_has_amx():
+    if host.cpu_has_amx():
         assert (allowed["amx"], denied["amx"]) == ("available", "denied")
-        assert bm._amx_permission()  # this process can still ask for it
+        assert latency._amx_permission()  # this process can still ask for it
     else:
         assert allowed["amx"] == denied["amx"] == "absent"
-    assert bm.machine_info()["amx_int8"] == bm.cpu_has_amx()
+    assert host.machine_info()["amx_int8"] == host.cpu_has_amx()
 
 
 def test_no_delegate_control_has_no_partitions(files):
-    r = bm.measure_latency(files["fp32"], threads=1, delegate="none", **FAST)
+    r = latency.measure_latency(files["fp32"], threads=1, delegate="none", **FAST)
     assert r["error"] is None and r["measured_delegate"] == "none"
     assert r["partitions"] == 0
     assert r["undelegated_ops"] == r["op_counts"] and "CONV_2D" in r["op_counts"]
@@ -129,7 +131,7 @@ def test_no_delegate_control_has_no_partitions(files):
 
 
 def test_sparse_int8_that_xnnpack_cannot_run_is_reported_not_raised(files):
-    r = bm.measure_latency(files["sparse"], threads=1, **FAST)
+    r = latency.measure_latency(files["sparse"], threads=1, **FAST)
     assert r["error"] and "XNNPack" in r["error"]
     assert r["delegate"] == "xnnpack" and r["measured_delegate"] == "none"
     assert "BUILTIN_WITHOUT_DEFAULT_DELEGATES" in r["note"]
@@ -137,23 +139,22 @@ def test_sparse_int8_that_xnnpack_cannot_run_is_reported_not_raised(files):
     assert math.isfinite(r["latency_p50_ms"]) and r["latency_p50_ms"] <= r["latency_p90_ms"]
     assert r["undelegated_ops"].get("DENSIFY", 0) >= 1
 
-    no_fallback = bm.measure_latency(files["sparse"], threads=1, fallback=False, **FAST)
+    no_fallback = latency.measure_latency(files["sparse"], threads=1, fallback=False, **FAST)
     assert no_fallback["error"] and math.isnan(no_fallback["latency_p50_ms"])
 
 
 def test_unreadable_file_returns_an_error(tmp_path):
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"not a flatbuffer" * 10)
-    r = bm.measure_latency(str(bad), threads=1, **FAST)
+    r = latency.measure_latency(str(bad), threads=1, **FAST)
     assert r["error"] and math.isnan(r["latency_p50_ms"]) and r["runtime"] is None
     with pytest.raises(FileNotFoundError):
-        bm.measure_latency(str(tmp_path / "missing.tflite"), threads=1)
+        latency.measure_latency(str(tmp_path / "missing.tflite"), threads=1)
 
 
 def test_delegation_summary_counts_partition_members(files):
-    interp = bm._interpreter(files["fp32"], 1, "xnnpack")
-    bm._prepare(interp, None)
-    s = bm.delegation_summary(interp)
+    interp = interpreter.make_interpreter(files["fp32"], 1, "xnnpack")
+    s = interpreter.delegation_summary(interp)
     # CONV_2D and FULLY_CONNECTED are both XNNPACK ops; MEAN (global pool) too.
     assert s["partitions"] == 1 and s["undelegated_ops"] == {}
     assert s["op_counts"]["CONV_2D"] == 1 and s["op_counts"]["FULLY_CONNECTED"] == 1
@@ -174,45 +175,45 @@ def _dataset_with_known_top1(model, n=12, k=9, batch=5):
 
 def test_evaluate_tflite_top1_and_agreement(files):
     batches, keras_pred = _dataset_with_known_top1(files["model"])
-    r = bm.evaluate_tflite(files["fp32"], batches, threads=1, progress=False)
+    r = accuracy.evaluate_tflite(files["fp32"], batches, threads=1, progress=False)
     assert r["n"] == 12 and r["predictions"].shape == (12,)
-    assert bm.agreement(r["predictions"], keras_pred) == 1.0
+    assert accuracy.agreement(r["predictions"], keras_pred) == 1.0
     assert r["top1"] == pytest.approx(9 / 12, abs=1e-9)
-    assert np.array_equal(bm.keras_predictions(files["model"], batches), keras_pred)
+    assert np.array_equal(accuracy.keras_predictions(files["model"], batches), keras_pred)
     tf_batches = tf.data.Dataset.from_tensor_slices(
         (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
     ).batch(4)
-    r2 = bm.evaluate_tflite(files["fp32"], tf_batches, threads=1, limit=7, progress=False)
+    r2 = accuracy.evaluate_tflite(files["fp32"], tf_batches, threads=1, limit=7, progress=False)
     assert r2["n"] == 7 and np.array_equal(r2["predictions"], r["predictions"][:7])
 
 
 def test_evaluate_int8_io_file_quantizes_inputs(files):
     batches, keras_pred = _dataset_with_known_top1(files["model"])
-    r = bm.evaluate_tflite(files["int8"], batches, threads=1, progress=False)
+    r = accuracy.evaluate_tflite(files["int8"], batches, threads=1, progress=False)
     # A calibrated int8 copy of a 4-class net keeps most top-1 decisions of the float model.
-    assert bm.agreement(r["predictions"], keras_pred) >= 0.75
+    assert accuracy.agreement(r["predictions"], keras_pred) >= 0.75
 
 
 def test_evaluate_sparse_int8_falls_back_with_a_note(files):
     rng = np.random.default_rng(2)
     batches = [(rng.standard_normal((4, 32)).astype(np.float32), np.zeros(4, np.int32))]
-    r = bm.evaluate_tflite(files["sparse"], batches, threads=1, progress=False)
+    r = accuracy.evaluate_tflite(files["sparse"], batches, threads=1, progress=False)
     assert r["n"] == 4 and "BUILTIN_WITHOUT_DEFAULT_DELEGATES" in r["note"]
     assert r["delegate"] == "none"
 
 
 def test_machine_info_labels_host_figures():
-    m = bm.machine_info()
+    m = host.machine_info()
     assert m["host_figures"] is True and m["cpu"] and m["cores"] >= 1
     assert m["packages"]["ai-edge-litert"] and m["packages"]["tensorflow"]
     assert "not phone figures" in m["label"]
     if m["machine"] == "x86_64" and os.path.exists("/proc/cpuinfo"):
         assert m["cpu_family"] and f"family {m['cpu_family']}" in m["label"]
-        assert "avx2" in m["isa"] and set(m["isa"]) <= bm._ISA_FLAGS
+        assert "avx2" in m["isa"] and set(m["isa"]) <= host._ISA_FLAGS
 
 
 def test_gemm_ceiling_and_the_floor_it_gives(tmp_path):
-    c = bm.gemm_ceiling(str(tmp_path), threads=(1,), shapes=((8, 64), (4, 128)), runs=5,
+    c = floor.gemm_ceiling(str(tmp_path), threads=(1,), shapes=((8, 64), (4, 128)), runs=5,
                         min_secs=0.0)[1]
     assert sorted(c["by_shape"]) == ["4x4x128", "8x8x64"]
     for fmt, key in (("fp32", "fp32_gflops"), ("int8", "int8_gops")):
@@ -220,10 +221,10 @@ def test_gemm_ceiling_and_the_floor_it_gives(tmp_path):
         assert all(r > 0 for r in rates) and c[key] == max(rates)
     assert sorted(os.listdir(tmp_path)) == sorted(
         f"conv1x1_{k}.{f}.tflite" for k in c["by_shape"] for f in ("fp32", "int8"))
-    assert bm.floor_ms(10**9, "int8", c) == pytest.approx(2e3 / c["int8_gops"])
-    assert bm.floor_ms(10**9, "drq", c) == bm.floor_ms(10**9, "int8", c)
-    assert bm.floor_ms(10**9, "fp16", c) == pytest.approx(2e3 / c["fp32_gflops"])
-    assert bm.floor_ms(None, "fp32", c) is None and bm.floor_ms(10**9, "fp32", None) is None
+    assert floor.floor_ms(10**9, "int8", c) == pytest.approx(2e3 / c["int8_gops"])
+    assert floor.floor_ms(10**9, "drq", c) == floor.floor_ms(10**9, "int8", c)
+    assert floor.floor_ms(10**9, "fp16", c) == pytest.approx(2e3 / c["fp32_gflops"])
+    assert floor.floor_ms(None, "fp32", c) is None and floor.floor_ms(10**9, "fp32", None) is None
 
 
 # --------------------------------------------------------------------------- results.csv
@@ -234,13 +235,13 @@ def _rows(files, threads=(1,), delegates=("xnnpack",)):
     for key in ("fp32", "int8"):
         for d in delegates:
             for t in threads:
-                lat = bm.measure_latency(files[key], threads=t, delegate=d, **FAST)
+                lat = latency.measure_latency(files[key], threads=t, delegate=d, **FAST)
                 rows.append(
-                    res.make_row(
+                    table.make_row(
                         files[key], lat, workdir=os.path.dirname(os.path.dirname(files[key])),
                         input_size=SIZE, evaluation={"top1": 0.5 if key == "fp32" else 0.4},
                         agreement=1.0 if key == "fp32" else 0.9, params=100, macs=5000,
-                        sparsity=0.0, machine=bm.machine_info(),
+                        sparsity=0.0, machine=host.machine_info(),
                     )
                 )  # fmt: skip
     return rows
@@ -252,12 +253,12 @@ def rows(files):
 
 
 def test_results_csv_has_contract_columns_and_merges(files, rows, tmp_path):
-    path = res.write_results(tmp_path, rows, machine=bm.machine_info())
+    path = table.write_results(tmp_path, rows, machine=host.machine_info())
     with open(path, newline="") as f:
         header = next(csv.reader(f))
-    assert tuple(header[: len(res.COLUMNS)]) == res.COLUMNS
-    assert res.COLUMNS[:4] == ("model", "stage", "format", "path")
-    back = res.read_results(tmp_path, numeric=True)
+    assert tuple(header[: len(table.COLUMNS)]) == table.COLUMNS
+    assert table.COLUMNS[:4] == ("model", "stage", "format", "path")
+    back = table.read_results(tmp_path, numeric=True)
     assert len(back) == 4
     assert {(r["format"], r["threads"]) for r in back} == {("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)}
     assert back[0]["model"] == "tiny" and back[0]["stage"] == "distill"
@@ -267,26 +268,26 @@ def test_results_csv_has_contract_columns_and_merges(files, rows, tmp_path):
 
     # A resumed benchmark re-measures one configuration: the row is replaced, not added.
     again = dict(rows[0], latency_p50_ms=123.0, note="re-measured")
-    res.write_results(tmp_path, [again])
-    back2 = res.read_results(tmp_path, numeric=True)
+    table.write_results(tmp_path, [again])
+    back2 = table.read_results(tmp_path, numeric=True)
     assert len(back2) == 4 and back2[0]["latency_p50_ms"] == 123.0 and back2[0]["note"] == "re-measured"
     assert back2[1:] == back[1:]
-    res.write_results(tmp_path, [dict(rows[0], delegate="none")])
-    assert len(res.read_results(tmp_path)) == 5
+    table.write_results(tmp_path, [dict(rows[0], delegate="none")])
+    assert len(table.read_results(tmp_path)) == 5
     assert sorted(os.listdir(tmp_path)) == ["machine.json", "results.csv"]  # no temp files left
     with pytest.raises(ValueError, match="key"):
-        res.write_results(tmp_path, [dict(rows[0], path="")])
+        table.write_results(tmp_path, [dict(rows[0], path="")])
 
 
 def test_ops_round_trip_and_name_parsing():
     ops = {"SOFTMAX": 2, "BATCH_MATMUL": 4}
-    assert res.format_ops(ops) == "BATCH_MATMUL:4;SOFTMAX:2"
-    assert res.parse_ops(res.format_ops(ops)) == ops
-    assert res.parse_tflite_name("export/mobilevit_xxs.qat.int8.tflite") == {
+    assert table.format_ops(ops) == "BATCH_MATMUL:4;SOFTMAX:2"
+    assert table.parse_ops(table.format_ops(ops)) == ops
+    assert table.parse_tflite_name("export/mobilevit_xxs.qat.int8.tflite") == {
         "model": "mobilevit_xxs", "stage": "qat", "format": "int8"
     }  # fmt: skip
     with pytest.raises(ValueError):
-        res.parse_tflite_name("model.tflite")
+        table.parse_tflite_name("model.tflite")
 
 
 def _png(path):
@@ -295,15 +296,15 @@ def _png(path):
 
 
 def test_report_and_plots_are_written(rows, tmp_path):
-    res.write_results(tmp_path, rows, machine=bm.machine_info())
-    report = res.write_report(str(tmp_path))
-    text = open(report).read()
+    table.write_results(tmp_path, rows, machine=host.machine_info())
+    path = report.write_report(str(tmp_path))
+    text = open(path).read()
     assert "host figures" in text and "| model |" in text
-    glance, table = text.split("## At a glance")[1].split("## Results")
+    glance, results = text.split("## At a glance")[1].split("## Results")
     assert glance.count("| tiny | distill |") == 2  # one per file: fp32 and int8
     assert "| tiny | distill | fp32 |" in glance and "| +0.0 |" in glance
-    assert table.count("| tiny | distill |") == 4  # every (file, threads, delegate) row
-    for name in res.PLOTS:
+    assert results.count("| tiny | distill |") == 4  # every (file, threads, delegate) row
+    for name in report.PLOTS:
         assert _png(tmp_path / name), name
         assert f"]({name})" in text
     assert "no data for this plot" not in text
@@ -321,8 +322,8 @@ def _events(logdir):
 
 
 def test_hparams_one_trial_per_row(rows, tmp_path):
-    res.write_results(tmp_path, rows)
-    logdir = res.write_hparams(str(tmp_path))
+    table.write_results(tmp_path, rows)
+    logdir = hparams.write_hparams(str(tmp_path))
     assert logdir == os.path.join(str(tmp_path), "tb", "hparams")
     assert "_hparams_/experiment" in _events(logdir)
     trials = sorted(d for d in os.listdir(logdir) if os.path.isdir(os.path.join(logdir, d)))
@@ -342,17 +343,17 @@ def test_benchmark_files_fills_a_workdir_and_resumes(files, tmp_path):
     kw = dict(threads=(1,), delegates=("xnnpack", "none"), dataset=batches, eval_threads=1,
               reference_predictions=lambda path: keras_pred, log=lambda msg: None,
               file_info=lambda path: {"params": files["model"].count_params()}, **FAST)  # fmt: skip
-    written = bm.benchmark_files(str(tmp_path), **kw)
+    written = ebench.benchmark_files(str(tmp_path), **kw)
     assert len(written) == 4
-    back = res.read_results(tmp_path, numeric=True)
+    back = table.read_results(tmp_path, numeric=True)
     assert len(back) == 4 and {r["delegate"] for r in back} == {"xnnpack", "none"}
     fp32 = [r for r in back if r["format"] == "fp32"]
     assert all(r["top1"] == pytest.approx(9 / 12) and r["agreement"] == 1.0 for r in fp32)
     assert all(r["input_size"] == SIZE and r["params"] == files["model"].count_params() for r in back)
     assert all(r["partitions"] == 0 for r in back if r["delegate"] == "none")
     assert os.path.exists(tmp_path / "machine.json")
-    assert bm.benchmark_files(str(tmp_path), **kw) == []  # resumed: nothing left to measure
-    assert len(res.read_results(tmp_path)) == 4
+    assert ebench.benchmark_files(str(tmp_path), **kw) == []  # resumed: nothing left to measure
+    assert len(table.read_results(tmp_path)) == 4
 
 
 def test_benchmark_files_scores_a_file_xnnpack_cannot_prepare_without_it(files, tmp_path,
@@ -366,19 +367,17 @@ def test_benchmark_files_scores_a_file_xnnpack_cannot_prepare_without_it(files, 
     shutil.copy(files["fp32"], tmp_path / "export")
     batches, _ = _dataset_with_known_top1(files["model"])
     used = []
-    real = bm.evaluate_tflite
-    monkeypatch.setattr(bm, "evaluate_tflite", lambda *a, **k: used.append(k["delegate"])
+    real = accuracy.evaluate_tflite
+    monkeypatch.setattr(ebench, "evaluate_tflite", lambda *a, **k: used.append(k["delegate"])
                         or real(*a, **k))
-    from compress import audit as audit_mod
-
-    real_audit = audit_mod.audit_tflite
+    real_audit = ebench.audit_tflite
 
     def audit_says_xnnpack_fails(path, **k):
         a = real_audit(path, **k)
         return {**a, "runnable": {"xnnpack": False, "none": True}}
 
-    monkeypatch.setattr(audit_mod, "audit_tflite", audit_says_xnnpack_fails)
-    rows = bm.benchmark_files(str(tmp_path), threads=(1,), dataset=batches, eval_threads=1,
+    monkeypatch.setattr(ebench, "audit_tflite", audit_says_xnnpack_fails)
+    rows = ebench.benchmark_files(str(tmp_path), threads=(1,), dataset=batches, eval_threads=1,
                               log=lambda msg: None, **FAST)
     assert used == ["none"] and rows[0]["top1"] == pytest.approx(9 / 12)
     assert "XNNPACK cannot prepare the file" in rows[0]["note"]
@@ -391,17 +390,17 @@ def test_compare_merges_workdirs_and_names_the_flag(rows, tmp_path):
     from experiments.compare import compare
 
     a, b = tmp_path / "run_a", tmp_path / "run_b"
-    res.write_results(a, rows[:2], machine=bm.machine_info())
-    res.write_results(b, rows, machine=bm.machine_info())
+    table.write_results(a, rows[:2], machine=host.machine_info())
+    table.write_results(b, rows, machine=host.machine_info())
     out = tmp_path / "cmp"
     paths = compare([str(a), str(b)], str(out))
-    merged = res.read_results(out)
+    merged = table.read_results(out)
     assert len(merged) == 6  # same relative paths in both workdirs stay separate rows
     assert {r["workdir"] for r in merged} == {str(a), str(b)}
-    assert list(merged[0])[: len(res.COLUMNS)] == list(res.COLUMNS)
+    assert list(merged[0])[: len(table.COLUMNS)] == list(table.COLUMNS)
     text = open(paths["report"]).read()
     assert "run_a" in text and "run_b" in text
-    assert all(_png(out / n) for n in res.PLOTS)
+    assert all(_png(out / n) for n in report.PLOTS)
     trials = [d for d in os.listdir(paths["hparams"]) if os.path.isdir(os.path.join(paths["hparams"], d))]
     assert len(trials) == 6
 
@@ -515,14 +514,14 @@ def test_bench_tflite_times_a_reference_implementation_beside_ours(bench_script,
         warmup=1, runs=3, min_secs=0, num_classes=10, references=["kecam"], log=logs.append,
         amx=["allow", "deny"],
     )  # fmt: skip
-    assert {r["amx"] for r in rows} == ({"available", "denied"} if bm.cpu_has_amx() else {"absent"})
+    assert {r["amx"] for r in rows} == ({"available", "denied"} if host.cpu_has_amx() else {"absent"})
     rows = [r for r in rows if r["amx"] != "denied"]
     got = {(r["model"], r["implementation"]) for r in rows}
     assert got == {("mobilevit_xxs", "ours"), ("mobilevit_xxs", "kecam"), ("mobile_former_26m", "ours")}
     assert any("kecam has no mobile_former_26m" in line for line in logs)
     ours, ref = (next(r for r in rows if r["model"] == "mobilevit_xxs" and r["implementation"] == i)
                  for i in ("ours", "kecam"))  # fmt: skip
-    assert ref["converter"] == "TFLiteConverter" and ours["converter"] == "compress.export"
+    assert ref["converter"] == "TFLiteConverter" and ours["converter"] == "compress.tflite.convert"
     assert ref["path"] != ours["path"] and os.path.exists(ref["path"])
     for r in (ours, ref):
         assert r["error"] is None and r["p50_ms"] > 0 and r["partitions"] >= 1
@@ -543,7 +542,7 @@ def test_plot_labels_never_overlap_and_near_points_share_one():
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     ax.scatter([p[0] for p in pts], [p[1] for p in pts])
     fig.tight_layout()
-    res._label_points(fig, ax, pts)
+    report._label_points(fig, ax, pts)
     texts = [t for t in ax.texts]
     r = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(r) for t in texts]
@@ -585,14 +584,14 @@ def test_glance_table_is_relative_to_the_distilled_fp32_file():
         {"model": "m", "stage": "prune", "format": "fp32", "path": "c", "threads": 1,
          "delegate": "none", "top1": 0.78, "latency_p50_ms": 50.0, "sparsity": 0.5},
     ]  # fmt: skip
-    lines = res.glance_lines(rows)
+    lines = report.glance_lines(rows)
     body = [line.split(" | ") for line in lines[2:]]
     assert [b[1:3] for b in body] == [["distill", "fp32"], ["prune", "fp32"], ["qat", "int8"]]
     distill, prune, qat = body
     assert distill[4:7] == ["+0.0", "10.00", "1.00x"]  # its 1-thread row, not the 2-thread one
     assert qat[3:7] == ["79.3%", "-0.7", "4.00", "2.50x"] and qat[7] == "1"
     assert prune[4] == "-2.0" and prune[8] == "0.500"
-    assert res.glance_lines([]) == []
+    assert report.glance_lines([]) == []
 
 
 def test_recalibrate_batchnorm_sets_the_statistics_of_the_images(bench_script):
@@ -612,7 +611,7 @@ def test_bench_tflite_compares_each_file_with_its_keras_model(bench_script, tiny
                                                               tmp_path):
     """Agreement and relative error on images not used for calibration, MACs and the floor
     beside each latency; kept beside the file, so a reused file reports them too."""
-    from compress.audit import static_costs
+    from compress.measure.costs import static_costs
 
     kw = dict(formats=["fp32", "int8"], outdir=str(tmp_path), warmup=1, runs=3, min_secs=0,
               num_calib=4, num_classes=10, log=lambda _: None, num_eval=6, recalibrate_bn=True)

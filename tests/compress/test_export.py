@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 import models
-from compress import audit as audit_mod
-from compress import export as export_mod
-from compress.audit import audit_tflite, make_interpreter, parity, run_tflite, static_costs
-from compress.export import FORMATS, export_tflite
-from compress.tflite_file import TFLiteFile
+from compress import io as io_mod
+from compress.measure.costs import static_costs
+from compress.tflite import audit as audit_mod
+from compress.tflite import fast_int8
+from compress.tflite.audit import audit_tflite, parity
+from compress.tflite.convert import FORMATS, export_tflite
+from compress.tflite.flatbuffer import TFLiteFile
+from compress.tflite.interpreter import make_interpreter, run_tflite
 from models.compat import keras, tf
 from models.layers import MatMul, multi_head_attention
 
@@ -223,7 +226,7 @@ def test_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypat
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export_mod.os, "replace", broken_replace)
+    monkeypatch.setattr(io_mod.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         export_tflite(handmade(), target, fmt="fp32", input_size=8)
     assert target.read_bytes() == b"old"
@@ -304,7 +307,7 @@ def test_make_interpreter_resizes_a_dynamic_input(tmp_path):
     x = np.random.default_rng(0).uniform(size=(1, 12, 20, 3)).astype("float32")
     for delegate in ("xnnpack", "none"):
         it = make_interpreter(path, 1, delegate, input_shape=x.shape)
-        out = audit_mod.run_tflite(it, x)
+        out = run_tflite(it, x)
         np.testing.assert_allclose(out, model.predict(x, verbose=0), atol=1e-5)
     assert audit_tflite(path, input_shape=x.shape)["dynamic_input"]
 
@@ -371,7 +374,7 @@ def test_depthwise_with_a_channel_multiplier_stays_float_in_fast_int8(tmp_path):
     x = keras.layers.Conv2D(16, 1, name="pw")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     model = keras.Model(inputs, keras.layers.Dense(CLASSES, name="head")(x))
-    assert export_mod.slow_int8_layers(model) == {"dw_mult": "depthwise depth_multiplier=3"}
+    assert fast_int8.slow_int8_layers(model) == {"dw_mult": "depthwise depth_multiplier=3"}
     rng = np.random.default_rng(0)
     rep = [rng.uniform(0, 1, (1, S, S, 3)).astype("float32") for _ in range(8)]
     path = tmp_path / "dw.int8.tflite"
@@ -466,10 +469,10 @@ def test_dead_units_get_a_usable_range_so_xnnpack_prepares_the_file(tmp_path, mo
     assert a["runnable"]["xnnpack"] and a["undelegated_ops"] == {}
     f = TFLiteFile(path.read_bytes())
     out = [f.tensors[op.outputs[0]] for op in f.ops if op.type == "FULLY_CONNECTED"][0]
-    assert out.scale[0] == pytest.approx(export_mod.MIN_RANGE / 255, rel=1e-3)
+    assert out.scale[0] == pytest.approx(fast_int8.MIN_RANGE / 255, rel=1e-3)
     assert out.zero_point[0] == -128  # a ReLU output stays non-negative
     np.testing.assert_allclose(run_tflite(make_interpreter(str(path)), rep), 0.0, atol=1e-6)
-    monkeypatch.setattr(export_mod, "MIN_RANGE", 0.0)  # the failure it prevents
+    monkeypatch.setattr(fast_int8, "MIN_RANGE", 0.0)  # the failure it prevents
     bad = export_tflite(model, tmp_path / "bad.tflite", fmt="int8", input_size=8,
                         representative=rep)
     assert bad["widened_ranges"] == 0 and bad["partitions"] == 0
@@ -479,7 +482,7 @@ def test_int8_ops_xnnpack_takes_in_float_only_can_run_in_float(files, trained, t
     """What a QAT model's fake-quant nodes force on the converter (an int8 GELU) is run in float
     between a DEQUANTIZE and a QUANTIZE: one partition, and the same outputs up to int8 rounding
     (the GELU's input and output keep their quantization)."""
-    from compress.tflite_file import run_in_float
+    from compress.tflite.flatbuffer import run_in_float
 
     plain = TFLiteFile(files["int8_plain"]["path"])
     gelu = [op.index for op in plain.ops if op.type == "GELU"]

@@ -8,7 +8,7 @@ import pytest
 
 import models
 from compress import structured as st
-from compress.audit import static_costs
+from compress.measure.costs import static_costs
 from models.compat import keras, tf
 
 S = 64  # tiny input: the full-width graphs at a few MMACs
@@ -175,8 +175,8 @@ def test_bad_budgets_and_families_are_refused(xxs):
 
 @pytest.mark.slow
 def test_int8_export_of_a_cut_model_is_one_xnnpack_partition(xxs, tmp_path):
-    from compress.audit import audit_tflite
-    from compress.export import export_tflite
+    from compress.tflite.audit import audit_tflite
+    from compress.tflite.convert import export_tflite
 
     small, _ = st.prune_structured(xxs, rebuild("mobilevit_xxs"), keep=0.6, input_size=S,
                                    importance="magnitude")

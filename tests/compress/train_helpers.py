@@ -1,4 +1,4 @@
-"""Synthetic stand-ins for `experiments.input_pipeline` and tiny models, shared by the
+"""Synthetic stand-ins for `experiments.data` and tiny models, shared by the
 training/distillation tests and their subprocess workers."""
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import input_pipeline as ip
+from experiments import data as ip
+from experiments.data import augment, sources
 from models.compat import tf
 
 CLASSES = ("cat", "dog", "fish")
@@ -135,7 +136,7 @@ def test_plan_is_deterministic_uniform_and_seeded():
 
 
 def test_folder_source_counts_skips_corrupt_and_lists_classes(folder, caplog):
-    with caplog.at_level(logging.WARNING, logger="experiments.input_pipeline"):
+    with caplog.at_level(logging.WARNING, logger="experiments.data.sources"):
         src = ip.load_source(str(folder), "train")
     assert src.class_names == list(CLASSES) and src.num_classes == 3
     assert src.num_examples == 12  # 13 JPEG files, one undecodable; the .txt is ignored
@@ -148,7 +149,7 @@ def test_folder_source_counts_skips_corrupt_and_lists_classes(folder, caplog):
 
 def test_decode_check_is_cached_on_disk(folder, monkeypatch):
     ip.load_source(str(folder), "train")
-    monkeypatch.setattr(ip, "_VERIFIED", {})
+    monkeypatch.setattr(sources, "_VERIFIED", {})
 
     def fail(self):
         raise AssertionError("decode check ran again")
@@ -157,7 +158,7 @@ def test_decode_check_is_cached_on_disk(folder, monkeypatch):
     src = ip.load_source(str(folder), "train")
     assert src.num_examples == 12 and src.skipped[0].endswith("broken.JPEG")
     monkeypatch.setenv("VIT_COMPRESS_CACHE", "")  # disk cache off: the check runs
-    monkeypatch.setattr(ip, "_VERIFIED", {})
+    monkeypatch.setattr(sources, "_VERIFIED", {})
     with pytest.raises(AssertionError, match="ran again"):
         ip.load_source(str(folder), "train")
 
@@ -213,11 +214,11 @@ def test_tfds_not_prepared_error_names_flag(monkeypatch):
 
 
 def test_tfds_split_mapping():
-    assert ip._map_split("val", ["train", "validation"], "f") == "validation"
-    assert ip._map_split("val", ["train", "test"], "f") == "test"
-    assert ip._map_split("train", ["train", "test"], "f") == "train"
+    assert sources._map_split("val", ["train", "validation"], "f") == "validation"
+    assert sources._map_split("val", ["train", "test"], "f") == "test"
+    assert sources._map_split("train", ["train", "test"], "f") == "train"
     with pytest.raises(ValueError, match="split 'val' not found"):
-        ip._map_split("val", ["train"], "--data=tfds:x")
+        sources._map_split("val", ["train"], "--data=tfds:x")
 
 
 def test_tfds_source_offline_under_mock_data():
@@ -293,7 +294,7 @@ def test_eval_dataset_is_finite_deterministic_and_centre_crops(train_src):
     assert a[0][0].dtype == np.float32 and 0 <= a[0][0].min() and a[0][0].max() <= 1
     # a constant image stays constant; a 100x50 image -> short side 57 -> centre 40x40
     img = tf.fill([100, 50, 3], tf.constant(200, tf.uint8))
-    out = ip._centre_crop(img, 40, 0.875)
+    out = augment.centre_crop(img, 40, 0.875)
     assert out.shape == (40, 40, 3)
     np.testing.assert_allclose(out.numpy(), 200.0, atol=1e-3)
     limited = _batches(ip.eval_dataset(train_src, size=40, batch_size=8, limit=6), 10)
@@ -302,7 +303,7 @@ def test_eval_dataset_is_finite_deterministic_and_centre_crops(train_src):
 
 
 def test_centre_crop_eager_equals_tf_data(train_src):
-    eager = [ip._centre_crop(train_src.decode(tf.constant(i, tf.int64))[0], 40, 0.875) / 255.0
+    eager = [augment.centre_crop(train_src.decode(tf.constant(i, tf.int64))[0], 40, 0.875) / 255.0
              for i in range(3)]
     x, _ = next(iter(ip.eval_dataset(train_src, size=40, batch_size=3)))
     np.testing.assert_allclose(x.numpy(), np.stack([e.numpy() for e in eager]), atol=1e-6)
@@ -338,7 +339,7 @@ import sys
 from models.compat import tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from experiments import input_pipeline as ip
+from experiments import data as ip
 src = ip.load_source(sys.argv[1], "train")
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 s = ip.MultiScaleSampler(min_size=32, max_size=96, n_scales=3, base_size=64, base_batch=6,

@@ -217,17 +217,10 @@ def litert(content):
 
 
 def run_tflite(content, x):
-    from ai_edge_litert.interpreter import Interpreter
+    """Float outputs of a .tflite file under the default XNNPACK delegate, as deployed."""
+    from compress.tflite.interpreter import make_interpreter, run_tflite as run
 
-    interp = Interpreter(model_content=content)  # default XNNPACK delegate, as deployed
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    res = []
-    for img in x:
-        interp.set_tensor(inp["index"], img[None].astype(inp["dtype"]))
-        interp.invoke()
-        res.append(interp.get_tensor(out["index"])[0])
-    return np.stack(res)
+    return run(make_interpreter(content), x)
 
 
 def op_names(content):

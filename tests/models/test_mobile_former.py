@@ -503,25 +503,10 @@ def assert_builtin_only(ops, tensors):
 
 
 def run_tflite(content, imgs):
-    from ai_edge_litert.interpreter import Interpreter
+    """Float outputs of a .tflite file under the default XNNPACK delegate, as deployed."""
+    from compress.tflite.interpreter import make_interpreter, run_tflite as run
 
-    interp = Interpreter(model_content=content)
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    res = []
-    for img in imgs:
-        x = img[None]
-        if inp["dtype"] == np.int8:
-            s, zp = inp["quantization"]
-            x = np.clip(np.round(x / s + zp), -128, 127).astype(np.int8)
-        interp.set_tensor(inp["index"], x)
-        interp.invoke()
-        y = interp.get_tensor(out["index"])[0]
-        if out["dtype"] == np.int8:
-            s, zp = out["quantization"]
-            y = (y.astype(np.float32) - zp) * s
-        res.append(y)
-    return np.stack(res)
+    return run(make_interpreter(content), imgs)
 
 
 @pytest.fixture(scope="module")
@@ -595,8 +580,8 @@ def test_bridges_never_pack_the_feature_map(tmp_path):
     uses in place; the right-hand one, packed at each invoke, is the small token-side operand.
     (The converter swaps the operands of a matmul followed by a transpose: the bridges are laid
     out so that it has nothing to swap.)"""
-    from compress.export import export_tflite
-    from compress.tflite_file import TFLiteFile
+    from compress.tflite.convert import export_tflite
+    from compress.tflite.flatbuffer import TFLiteFile
 
     keras.backend.clear_session()
     model = mf.build_mobile_former(num_classes=4, input_size=64, groups=1, **TINY)
@@ -626,9 +611,10 @@ def test_head_blocks_and_head_diagonal_invert_each_other(rng):
 def test_xnnpack_friendly_int8_runs_in_one_partition(tmp_path, rng):
     """The bridges feed feature maps straight into BATCH_MATMULs; making those inputs symmetric
     must carry through the PADs of the next strided depthwise conv, or XNNPACK refuses the file."""
-    from compress.audit import audit_tflite
-    from compress.export import export_tflite, slow_int8_layers
-    from compress.tflite_file import TFLiteFile
+    from compress.tflite.audit import audit_tflite
+    from compress.tflite.convert import export_tflite
+    from compress.tflite.fast_int8 import slow_int8_layers
+    from compress.tflite.flatbuffer import TFLiteFile
 
     keras.backend.clear_session()
     model = mf.build_mobile_former(num_classes=4, input_size=64, groups=1, **TINY)

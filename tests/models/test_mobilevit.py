@@ -243,25 +243,10 @@ def tflite_ops(content):
 
 
 def run_tflite(content, x):
-    from ai_edge_litert.interpreter import Interpreter
+    """Float outputs of a .tflite file under the default XNNPACK delegate, as deployed."""
+    from compress.tflite.interpreter import make_interpreter, run_tflite as run
 
-    interp = Interpreter(model_content=content)
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    results = []
-    for img in x:
-        img = img[None]
-        if inp["dtype"] == np.int8:
-            scale, zero = inp["quantization"]
-            img = np.clip(np.round(img / scale + zero), -128, 127).astype(np.int8)
-        interp.set_tensor(inp["index"], img)
-        interp.invoke()
-        y = interp.get_tensor(out["index"]).astype("float32")
-        if out["dtype"] == np.int8:
-            scale, zero = out["quantization"]
-            y = (y - zero) * scale
-        results.append(y[0])
-    return np.stack(results)
+    return run(make_interpreter(content), x)
 
 
 def assert_builtin_only(ops):

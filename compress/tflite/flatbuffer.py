@@ -8,6 +8,10 @@ overwriting a tensor's per-tensor quantization parameters in place (the scale an
 vectors keep their length, so the bytes are changed where they are and nothing is repacked).
 
 Only the main subgraph (index 0) is read: the converter puts every op of an image classifier there.
+
+The edits the fast int8 path makes (`compress.tflite.fast_int8`) live here too:
+`symmetric_bmm_rhs` (zero point 0 for the right-hand BATCH_MATMUL inputs XNNPACK refuses
+otherwise) and `run_in_float` (ops run in float between a DEQUANTIZE and a QUANTIZE).
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ try:  # the LiteRT wheel is the runtime of the project; TF ships the same genera
 except ImportError:  # pragma: no cover
     from tensorflow.lite.python import schema_py_generated as schema
 
+
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
 _DTYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 
 
@@ -330,3 +337,85 @@ def op_counts(ops) -> dict[str, int]:
     for op in ops:
         counts[op.type] = counts.get(op.type, 0) + 1
     return dict(sorted(counts.items()))
+
+
+# Ops whose int8 input and output share quantization parameters (the BMM-RHS rewrite follows
+# them): op type -> indices of the data inputs.
+# Ops whose int8 input and output must share quantization parameters (XNNPACK refuses a PAD
+# or resize whose input was re-quantized without its output): symmetric groups cross them.
+_SAME_SCALE = {"RESHAPE": (0,), "TRANSPOSE": (0,), "SQUEEZE": (0,), "EXPAND_DIMS": (0,),
+               "PAD": (0,), "PADV2": (0,), "MAX_POOL_2D": (0,), "DEPTH_TO_SPACE": (0,),
+               "SPACE_TO_DEPTH": (0,), "RESIZE_BILINEAR": (0,), "RESIZE_NEAREST_NEIGHBOR": (0,),
+               "STRIDED_SLICE": (0,), "SLICE": (0,), "GATHER": (0,), "SPLIT": (1,),
+               "SPLIT_V": (0,), "UNPACK": (0,), "BROADCAST_TO": (0,), "PACK": None,
+               "CONCATENATION": None}
+
+
+def _asymmetric_bmm_rhs(f: TFLiteFile):
+    """(op, right-hand tensor) of every int8 BATCH_MATMUL whose right-hand input has a non-zero
+    zero point, which XNNPACK refuses."""
+    for op in f.ops:
+        if op.type != "BATCH_MATMUL" or len(op.inputs) < 2:
+            continue
+        rhs = f.tensors[op.inputs[1]]
+        if rhs.dtype == "INT8" and rhs.zero_point is not None and int(rhs.zero_point[0]) != 0:
+            yield op, rhs
+
+
+def _bmm_rhs_groups(f: TFLiteFile) -> list[list[int]]:
+    """Tensor groups, one per int8 BATCH_MATMUL right-hand activation with a non-zero zero point,
+    closed under same-scale ops (RESHAPE/TRANSPOSE/...); groups reaching a constant are skipped."""
+    groups, done = [], set()
+    for _, rhs in _asymmetric_bmm_rhs(f):
+        if rhs.has_data or rhs.index in done:
+            continue
+        group, stack, ok = set(), [rhs.index], True
+        while stack:
+            t = stack.pop()
+            if t in group or t < 0:
+                continue
+            tt = f.tensors[t]
+            if tt.has_data or tt.dtype != "INT8" or tt.scale is None or tt.scale.size != 1:
+                ok = False
+                break
+            group.add(t)
+            prod = f.producer.get(t)
+            if prod is not None and f.ops[prod].type in _SAME_SCALE:
+                p = f.ops[prod]
+                idx = _SAME_SCALE[p.type]
+                data = [p.inputs[i] for i in idx] if idx is not None else list(p.inputs)
+                stack += data + list(p.outputs)
+            for c in f.consumers.get(t, []):
+                cop = f.ops[c]
+                if cop.type in _SAME_SCALE:
+                    idx = _SAME_SCALE[cop.type]
+                    data = [cop.inputs[i] for i in idx] if idx is not None else list(cop.inputs)
+                    if t in data:
+                        stack += data + list(cop.outputs)
+        done |= group
+        if ok:
+            groups.append(sorted(group))
+    return groups
+
+
+def symmetric_bmm_rhs(model_bytes: bytes) -> tuple[bytes, int]:
+    """Gives every int8 BATCH_MATMUL right-hand input zero point 0 (in place, see module doc).
+
+    Returns: (the edited file, the number of BATCH_MATMUL inputs rewritten).
+    """
+    f = TFLiteFile(model_bytes)
+    groups = _bmm_rhs_groups(f)
+    for g in groups:
+        f.set_symmetric_quantization(g)
+    constants = _bmm_constant_rhs(f)
+    for t in constants:
+        f.requantize_constant_symmetric(t)
+    return f.data_bytes(), len(groups) + len(constants)
+
+
+def _bmm_constant_rhs(f: TFLiteFile) -> list[int]:
+    """Constant per-tensor int8 right-hand BATCH_MATMUL inputs with a non-zero zero point that
+    nothing else reads (Mobile-Former's first bridge: its tokens are the learned constants)."""
+    return [rhs.index for op, rhs in _asymmetric_bmm_rhs(f)
+            if rhs.has_data and rhs.scale is not None and rhs.scale.size == 1
+            and f.consumers.get(rhs.index) == [op.index]]

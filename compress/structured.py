@@ -215,7 +215,7 @@ def taylor_scores(model: keras.Model, groups: list[Group], batches, loss_fn) -> 
 
     Args:
       batches: iterable of (images, labels).
-      loss_fn: (images, labels) -> scalar loss of `model` (e.g. `distillation_objective`).
+      loss_fn: (images, labels) -> scalar loss of `model` (e.g. `Distiller.batch_loss`).
     """
     kernels = [model.get_layer(c).weights[0] for g in groups for c in g.consumers]
     sums = {g.name: np.zeros(g.units) for g in groups}
@@ -259,23 +259,6 @@ def magnitude_scores(model: keras.Model, groups: list[Group], costs: dict) -> di
             out += _unit_sum(rows * scale, g.units)
         scores[g.name] = out / max(out.mean(), 1e-12) * costs[g.name]
     return scores
-
-
-def distillation_objective(distiller):
-    """(images, labels) -> the mean training loss of a `compress.distill.Distiller`, with the
-    student in inference mode (BN statistics untouched, no dropout)."""
-    from compress.distill import _split_heads, distillation_loss
-
-    def loss(images, labels):
-        t = distiller.teacher_logits(images) if distiller.teacher is not None else None
-        cls, dist = _split_heads(distiller.student(images, training=False))
-        total, _, _ = distillation_loss(labels, cls, dist, t, kind=distiller.kind,
-                                        alpha=distiller.alpha,
-                                        temperature=distiller.temperature,
-                                        label_smoothing=distiller.label_smoothing)
-        return tf.reduce_mean(total)
-
-    return loss
 
 
 # ---------------------------------------------------------------------------------- selection

@@ -305,9 +305,9 @@ class Run:
                                           overrides={"widths": read_json(cut_path)["widths"]})
             dense = self._load_student("distill", training_heads=True)
             teacher, teacher_size = self.load_teacher() if p.kind != "none" else (None, None)
-            objective = structured.distillation_objective(Distiller(
-                dense, teacher, kind=p.kind, alpha=p.kd_alpha, temperature=p.temperature,
-                teacher_size=teacher_size, label_smoothing=p.label_smoothing))
+            objective = Distiller(dense, teacher, kind=p.kind, alpha=p.kd_alpha,
+                                  temperature=p.temperature, teacher_size=teacher_size,
+                                  label_smoothing=p.label_smoothing).batch_loss
             size = dense.input_shape[1] or self.export_size
             batches = self._train_ds_factory(self._sampler(
                 None, size=size, batch=p.sampler.base_batch))(0)

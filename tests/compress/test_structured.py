@@ -45,9 +45,8 @@ def images():
     return np.random.default_rng(1).random((2, S, S, 3)).astype("float32")
 
 
-@pytest.mark.parametrize("name, module", [("mobilevit_xxs", "mobilevit"),
-                                          ("efficientformer_l1", "efficientformer")])
-def test_default_widths_build_todays_model(name, module):
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "efficientformer_l1"])
+def test_default_widths_build_todays_model(name):
     """widths=None and the reference's widths written out build the same layers and weights."""
     keras.backend.clear_session()
     plain = models.create_model(name, num_classes=10, input_size=S)
@@ -56,11 +55,7 @@ def test_default_widths_build_todays_model(name, module):
                                    widths=st.widths_of(groups))
     assert [l.name for l in plain.layers] == [l.name for l in explicit.layers]
     assert [w.shape for w in plain.weights] == [w.shape for w in explicit.weights]
-    cfg_module = __import__(f"models.{module}", fromlist=["default_widths"])
-    assert st.widths_of(groups).keys() == set(cfg_module.default_widths(
-        **(cfg_module._CFGS["xxs"] if module == "mobilevit" else
-           dict(widths=cfg_module.WIDTHS["l1"], depths=cfg_module.DEPTHS["l1"],
-                num_vit=cfg_module.NUM_VIT["l1"]))))
+    assert sum(len(v) for v in st.widths_of(groups).values()) == len(groups)
 
 
 def test_bad_widths_are_refused_naming_the_key():

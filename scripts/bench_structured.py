@@ -3,7 +3,7 @@ sparsity buys anything under XNNPACK (issue 17's front, measured without trainin
 
     python scripts/bench_structured.py --models=mobilevit_xxs:256,efficientformer_l1:224 \
         --keeps=1,0.7,0.55,0.4 --calib_dir=../shared/data/imagenette2-160/train \
-        --outdir=runs/bench_structured --runs=50 --repeats=3 [--sparse]
+        --outdir=runs/bench_structured --rounds=8 [--sparse]
 
 Each model is built at its size with 10 classes and random weights, its BatchNorm statistics
 re-estimated on real images (as `scripts/bench_tflite.py` does), and cut to every `--keeps`
@@ -12,7 +12,9 @@ widths, hence the latency, depend on the importance; trained weights and the Tay
 of the pipeline give other widths at the same MACs). Every model is exported to fp32 and int8 by
 `compress.tflite.convert.export_tflite` (the pipeline's fast int8 path, the same representative
 images) and timed by `compress.measure.latency.measure_latency` in fresh processes, one
-thread, XNNPACK.
+thread, XNNPACK, in paired rounds (`_time_paired`: a shared host's load moves absolute times
+far more than the ratios of one round). A keep below the smallest model is reported and
+skipped.
 
 `--sparse` also zeroes the 50% (and 75%) smallest weights of every Conv2D/Dense kernel the
 pipeline's magnitude prune touches (`prune.skip` globs of the preset) in the dense model and
@@ -60,18 +62,35 @@ def _zero_smallest(model, fraction: float, skip) -> None:
                 w.assign(np.where(np.abs(v) <= cut, 0, v).astype(v.dtype))
 
 
-def _row(path, *, label, fmt, costs, args):
-    from compress.measure.latency import measure_latency
+def _row(path, *, label, fmt, costs):
     from compress.tflite.audit import audit_tflite
 
-    lat = measure_latency(path, threads=1, warmup=args.warmup, runs=args.runs,
-                          repeats=args.repeats, fallback=True)
     audit = audit_tflite(path)
-    return dict(model=label, format=fmt, macs=costs["macs"], params=costs["params"],
-                size_bytes=os.path.getsize(path), p50_ms=lat["latency_p50_ms"],
-                p50_repeats=lat.get("latency_p50_ms_repeats"), partitions=lat["partitions"],
-                float_heavy_ops=audit.get("float_heavy_ops"), sparsity=audit.get("sparsity"),
-                measured_delegate=lat["measured_delegate"], note=lat["note"])
+    return dict(path=path, model=label, format=fmt, macs=costs["macs"], params=costs["params"],
+                size_bytes=os.path.getsize(path), partitions=audit.get("partitions"),
+                float_heavy_ops=audit.get("float_heavy_ops"), sparsity=audit.get("sparsity"))
+
+
+def _time_paired(rows, args) -> None:
+    """`--rounds` rounds; in each, every dense file, then the files compared with it, one fresh
+    process each: a busy host slows a round's files alike, so the ratios of one round hold
+    where the absolute times do not. p50 = median over rounds; speed-up = median over rounds
+    of dense / file (the dense file: the first row of the same model and format family)."""
+    from compress.measure.latency import measure_latency
+
+    times = {r["path"]: [] for r in rows}
+    for _ in range(args.rounds):
+        for r in rows:
+            lat = measure_latency(r["path"], threads=1, warmup=args.warmup, runs=args.runs,
+                                  min_secs=0.5)
+            times[r["path"]].append(lat["latency_p50_ms"])
+            r.update(measured_delegate=lat["measured_delegate"], note=lat["note"])
+    base = {}
+    for r in rows:
+        b = base.setdefault((r["model"].split()[0], r["format"].replace("_sparse", "")), r)
+        t, tb = np.array(times[r["path"]]), np.array(times[b["path"]])
+        r.update(p50_ms=float(np.median(t)), p50_rounds=t.tolist(),
+                 speedup=float(np.median(tb / t)))
 
 
 def main(argv=None) -> int:
@@ -82,8 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--outdir", default="runs/bench_structured")
     p.add_argument("--num_calib", type=int, default=32)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=8, help="paired timing rounds")
     p.add_argument("--sparse", action="store_true")
     args = p.parse_args(argv)
 
@@ -108,16 +127,20 @@ def main(argv=None) -> int:
         bt.recalibrate_batchnorm(dense, images)
         dense_costs = static_costs(dense, size)
         for keep in [float(k) for k in args.keeps.split(",")]:
-            model, cut = structured.prune_structured(
-                dense, lambda w: models.create_model(name, num_classes=10, input_size=size,
-                                                     widths=w),
-                keep=keep, input_size=size, importance="magnitude")
+            try:
+                model, cut = structured.prune_structured(
+                    dense, lambda w: models.create_model(name, num_classes=10, input_size=size,
+                                                         widths=w),
+                    keep=keep, input_size=size, importance="magnitude")
+            except ValueError as e:  # below the smallest model of min_width
+                print(f"{name}: {e}")
+                continue
             costs = static_costs(model, size)
             label = f"{name} keep {keep:g}"
             for fmt in ("fp32", "int8"):
                 path = os.path.join(args.outdir, f"{name}.keep{keep:g}.{fmt}.tflite")
                 export_tflite(model, path, fmt=fmt, input_size=size, representative=images)
-                r = _row(path, label=label, fmt=fmt, costs=costs, args=args)
+                r = _row(path, label=label, fmt=fmt, costs=costs)
                 r.update(keep=keep, kept_fraction=costs["macs"] / dense_costs["macs"],
                          params_ratio=costs["params"] / dense_costs["params"],
                          widths=cut["widths"])
@@ -131,9 +154,10 @@ def main(argv=None) -> int:
                     path = os.path.join(args.outdir, f"{name}.sparse{fraction:g}.{fmt}.tflite")
                     export_tflite(dense, path, fmt=fmt, input_size=size)
                     r = _row(path, label=f"{name} magnitude {fraction:g}", fmt=fmt,
-                             costs=dense_costs, args=args)
+                             costs=dense_costs)
                     rows.append(r)
                     print(json.dumps(r), flush=True)
+    _time_paired(rows, args)
     out = os.path.join(args.outdir, "bench_structured.json")
     with open(out + ".tmp", "w") as f:
         json.dump(rows, f, indent=1, default=str)
@@ -144,7 +168,7 @@ def main(argv=None) -> int:
 
 def _print_table(rows) -> None:
     """Ratios against the first (dense) row of the same model and storage-independent format
-    (an fp32_sparse file against the dense fp32 file)."""
+    (an fp32_sparse file against the dense fp32 file); speed-ups from `_time_paired`."""
     print("\n| model | format | MMACs | kept MACs | params | params ratio | size KiB | size ratio "
           "| p50 ms | speed-up vs dense | partitions | float heavy ops |")
     print("|" + "---|" * 12)
@@ -155,7 +179,7 @@ def _print_table(rows) -> None:
               f"{r.get('kept_fraction', 1.0):.2f} | {r['params']:,} | "
               f"{r.get('params_ratio', 1.0):.2f} | {r['size_bytes'] / 1024:.0f} | "
               f"{r['size_bytes'] / b['size_bytes']:.2f} | {r['p50_ms']:.2f} | "
-              f"{b['p50_ms'] / r['p50_ms']:.2f}x | {r['partitions']} | {r['float_heavy_ops']} |")
+              f"{r['speedup']:.2f}x | {r['partitions']} | {r['float_heavy_ops']} |")
 
 
 if __name__ == "__main__":

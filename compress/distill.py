@@ -190,6 +190,17 @@ class Distiller(keras.Model):
                                      method="bilinear")
         return tf.stop_gradient(tf.cast(self.teacher(images, training=False), tf.float32))
 
+    def batch_loss(self, images, labels, *, training: bool = False):
+        """The mean training objective of one batch, the student in inference mode by default
+        (BN statistics untouched, no dropout): what structured pruning's Taylor importance
+        differentiates (compress/structured.py)."""
+        t_logits = self.teacher_logits(images) if self.teacher is not None else None
+        cls, dist = _split_heads(self.student(images, training=training))
+        total, _, _ = distillation_loss(labels, cls, dist, t_logits, kind=self.kind,
+                                        alpha=self.alpha, temperature=self.temperature,
+                                        label_smoothing=self.label_smoothing)
+        return tf.reduce_mean(total)
+
     def train_step(self, data):
         images, labels = data[0], data[1]
         replicas = tf.distribute.get_strategy().num_replicas_in_sync

@@ -49,7 +49,7 @@ def benchmark_files(
       reference_predictions: path -> the Keras model's top-1 per image of `dataset` (e.g. the
         file's stage model), for `agreement`; None leaves it empty.
       file_info: path -> extra columns of the file (`params`, `macs`, `sparsity`, `model`,
-        `stage`, `format`, `note`, ...).
+        `stage`, `format`, `note`, `prune_method`, `kept_fraction`, ...).
       resume: skip (path, threads, delegate) rows already in results.csv.
       deny_amx: time every file with AMX refused to XNNPACK (`measure_latency`; column `amx`).
 
@@ -105,6 +105,7 @@ def benchmark_files(
                 audit=audit, evaluation=evaluation, agreement=agree, machine=machine,
                 note=info.get("note", ""), **kw,
             )  # fmt: skip
+            row.update({k: info[k] for k in ("prune_method", "kept_fraction") if k in info})
             res.write_results(workdir, [row], machine=machine)
             written.append(row)
             log(f"{rel} threads={t} {d}: p50 {lat['latency_p50_ms']:.3f} ms")

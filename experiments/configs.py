@@ -79,6 +79,14 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
                  warmup_steps=2 if smoke else (150 if quick else 20_000)),
     )
     c.prune = dict(
+        # magnitude: zeros in the weights (tfmot); structured: whole heads, MLP units and
+        # expansion channels removed, a smaller dense model (compress/structured.py)
+        method="magnitude",
+        keep=0.7,  # structured: fraction of the distilled student's MACs kept (export size)
+        importance="taylor",  # structured: taylor | magnitude (compress/structured.py)
+        min_width=0.25,  # structured: fraction of every block's units that stays
+        score_batches=2 if smoke else 16,  # structured: batches of the taylor importance
+        target_ms=0.0,  # structured: a latency budget instead of `keep` (not implemented yet)
         target_sparsity=0.5,
         schedule="polynomial",  # polynomial | constant
         m_by_n="",  # "" or "2:4"
@@ -179,6 +187,9 @@ def _rules(c, size_divisor: int, teacher_divisor: int):
              ("prune.begin_frac", *_real(0, 1, hi_open=True)),
              ("prune.end_frac", *_real(c.prune.begin_frac, 1, lo_open=True, lo_name="begin_frac")),
              ("prune.frequency", *_int(1)),
+             ("prune.keep", *_real(0, 1, lo_open=True)),
+             ("prune.min_width", *_real(0, 1, lo_open=True)),
+             ("prune.score_batches", *_int(1)), ("prune.target_ms", *_real(0, None)),
              ("export.size", *_multiple(size_divisor, zero_ok=True)),
              ("export.representative_images", *_int(1)),
              ("benchmark.warmup", *_int(0)), ("benchmark.runs", *_int(1)),

@@ -151,6 +151,8 @@ def validate_flags() -> None:
     checks = {"distill.kind": (c.distill.kind, KINDS), "prune.kind": (c.prune.kind, KINDS),
               "qat.kind": (c.qat.kind, KINDS), "prune.schedule": (c.prune.schedule, SCHEDULES),
               "prune.m_by_n": (c.prune.m_by_n, ("", "2:4")),
+              "prune.method": (c.prune.method, ("magnitude", "structured")),
+              "prune.importance": (c.prune.importance, ("taylor", "magnitude")),
               "mixed_precision": (c.mixed_precision, ("float32", "mixed_bfloat16"))}
     checks.update({f"benchmark.delegates[{i}]": (d, DELEGATES)
                    for i, d in enumerate(c.benchmark.delegates)})
@@ -163,6 +165,8 @@ def validate_flags() -> None:
         problem = check_teacher_file(teacher)
         if problem:
             _fail(problem)
+    if c.prune.method == "structured":
+        _validate_structured(c, info)
     if c.export.float_layers:  # globs of student layer names: check them before any training
         from compress.tflite.fast_int8 import layers_matching
 
@@ -207,6 +211,32 @@ def _disk_full_line(e: BaseException, stage: str, workdir: str) -> str:
     return (f"FATAL disk full in the {stage} stage writing {where}: {detail}; {free:,} bytes "
             f"free under --workdir={workdir}; free some space and run the same command again "
             "(finished stages and checkpoints are kept)")
+
+
+def _validate_structured(c, info) -> None:
+    """--config.prune.method=structured: the family and whether the model can shrink as far as
+    `keep` says (compress/structured.py), before any training (`configs.check` has the ranges)."""
+    import models
+    from compress import structured
+
+    p = c.prune
+    if p.target_ms:
+        _fail("--config.prune.target_ms: a latency budget is not implemented yet; give the "
+              "budget as a MAC fraction, --config.prune.keep")
+    try:
+        structured.check_family(FLAGS.student)
+    except ValueError as e:
+        _fail(f"--config.prune.method=structured: {e}")
+    # the MACs are counted at the size the stage counts them: the training model's fixed size,
+    # else the export size
+    size = info.default_size if info.fixed_size else (FLAGS.export_size or c.export.size or
+                                                      info.default_size)
+    smallest = structured.min_keep(models.create_model(FLAGS.student, num_classes=10,
+                                                       input_size=size), size, p.min_width)
+    if p.keep < smallest:
+        _fail(f"--config.prune.keep={p.keep} is out of reach for {FLAGS.student}: structured "
+              f"pruning keeps at least {smallest:.3f} of its MACs (--config.prune.min_width="
+              f"{p.min_width} of every block's units)")
 
 
 def main(argv):

@@ -122,8 +122,10 @@ class Run:
                                        crop_pct=self.cfg.data.crop_pct, limit=limit)
 
     # --------------------------------------------------------------------------- model helpers
-    def build_student(self, input_size=None, *, training_heads=False):
-        kwargs = {}
+    def build_student(self, input_size=None, *, training_heads=False, overrides=None):
+        """The student; `overrides` (a stage's model.json `overrides`, e.g. the `widths` of a
+        structured prune) rebuild that stage's architecture."""
+        kwargs = dict(overrides or {})
         if training_heads and self.info.family == "efficientformer":
             kwargs["with_distillation_head"] = True
         if self.info.fixed_size and input_size is None:
@@ -251,9 +253,14 @@ class Run:
         stage.save_model_json(name=self.student, num_classes=self.num_classes)
         stage.finish({**m, **metrics})
 
+    def _overrides(self, stage_name) -> dict:
+        """The architecture overrides a finished stage's model was built with."""
+        return self._require(stage_name).model_json().get("overrides") or {}
+
     def _load_student(self, stage_name, *, input_size=None, training_heads=False):
         src = self._require(stage_name)
-        model = self.build_student(input_size, training_heads=training_heads)
+        model = self.build_student(input_size, training_heads=training_heads,
+                                   overrides=self._overrides(stage_name))
         model.load_weights(str(src.weights))
         return model
 
@@ -269,6 +276,9 @@ class Run:
 
         p = self.cfg.prune
         stage.begin({"student": self.student, **p.to_dict()})
+        if p.method == "structured":
+            self._prune_structured(stage)
+            return
 
         def student_fn():
             return prune.apply_pruning(self._load_student("distill", training_heads=True),
@@ -286,23 +296,81 @@ class Run:
         overall = report.get("overall", {})
         stage.finish({**m, "sparsity": overall.get("sparsity") if isinstance(overall, dict) else overall})
 
+    def _prune_structured(self, stage: StageDir) -> None:
+        """Cut the distilled student to `prune.keep` of its MACs (compress/structured.py), then
+        fine-tune the smaller dense model with the teacher as the magnitude prune does."""
+        from compress import structured
+        from compress.distill import Distiller
+
+        p = self.cfg.prune
+        cut_path = stage.path / "structured.json"
+
+        def student_fn():
+            if cut_path.exists():  # resumed: the same widths; the checkpoint holds the weights
+                return self.build_student(training_heads=True,
+                                          overrides={"widths": read_json(cut_path)["widths"]})
+            dense = self._load_student("distill", training_heads=True)
+            teacher, teacher_size = self.load_teacher() if p.kind != "none" else (None, None)
+            objective = Distiller(dense, teacher, kind=p.kind, alpha=p.kd_alpha,
+                                  temperature=p.temperature, teacher_size=teacher_size,
+                                  label_smoothing=p.label_smoothing).batch_loss
+            size = dense.input_shape[1] or self.export_size
+            batches = self._train_ds_factory(self._sampler(
+                None, size=size, batch=p.sampler.base_batch))(0)
+            small, cut = structured.prune_structured(
+                dense, lambda w: self.build_student(training_heads=True,
+                                                    overrides={"widths": w}),
+                keep=p.keep, input_size=size, importance=p.importance, min_width=p.min_width,
+                batches=batches.take(p.score_batches), loss_fn=objective)
+            write_json(cut_path, cut)
+            print(f"[prune] structured: {cut['kept_fraction']:.3f} of {cut['dense_macs']:,} "
+                  f"MACs kept ({p.importance} importance), widths {cut['widths']}")
+            return small
+
+        distiller, m = self._student_fit(stage, p, kind=p.kind, alpha=p.kd_alpha,
+                                         student_fn=student_fn, tb_name="prune")
+        cut = read_json(cut_path)
+        stage.save_weights(distiller.student)
+        stage.save_model_json(name=self.student, num_classes=self.num_classes,
+                              overrides={"widths": cut["widths"]}, prune_method="structured",
+                              kept_fraction=cut["kept_fraction"])
+        params = int(sum(np.prod(w.shape) for w in distiller.student.trainable_weights))
+        stage.finish({**m, "kept_fraction": cut["kept_fraction"], "macs": cut["macs"],
+                      "dense_macs": cut["dense_macs"], "params": params})
+
+    def prune_facts(self, stage_name) -> dict:
+        """`prune_method` and `kept_fraction` of a stage's model (results.csv columns): the
+        prune stage's, inherited by a QAT stage trained from it; none / 1 for a dense one."""
+        spec = self._require(stage_name).model_json()
+        if stage_name == "qat" and spec.get("source_stage") == "prune":
+            spec = self._require("prune").model_json()
+        elif stage_name != "prune":
+            return {"prune_method": "none", "kept_fraction": 1.0}
+        if spec.get("prune_method") == "structured":
+            return {"prune_method": "structured", "kept_fraction": spec["kept_fraction"]}
+        return {"prune_method": "magnitude",
+                "kept_fraction": 1.0 - spec.get("prune", {}).get("target_sparsity", 0.0)}
+
     def stage_qat(self, stage: StageDir) -> None:
         from compress import quantize
 
         q = self.cfg.qat
         stage.begin({"student": self.student, **q.to_dict()})
         source = "prune" if StageDir(self.workdir, "prune").done else "distill"
+        # a structured prune leaves no zeros to preserve, only a smaller model
+        sparse = source == "prune" and "prune" in self._require(source).model_json()["wrappers"]
 
         def student_fn():
             return quantize.apply_qat(self._load_student(source, training_heads=True),
-                                      preserve_sparsity=q.preserve_sparsity and source == "prune")
+                                      preserve_sparsity=q.preserve_sparsity and sparse)
 
         distiller, m = self._student_fit(stage, q, kind=q.kind, alpha=q.kd_alpha,
                                          student_fn=student_fn, tb_name="qat")
         stage.save_weights(distiller.student)
         stage.save_model_json(name=self.student, num_classes=self.num_classes,
-                              wrappers=[w for w in ("prune", "qat") if w != "prune" or
-                                        source == "prune"], source_stage=source)
+                              overrides=self._overrides(source),
+                              wrappers=["prune", "qat"] if sparse else ["qat"],
+                              source_stage=source)
         stage.finish(m)
 
     # ---------------------------------------------------------------------------------- export
@@ -313,12 +381,15 @@ class Run:
         src = self._require(stage_name)
         if stage_name != "qat":
             return self._load_student(stage_name, input_size=input_size)
-        train_model = quantize.apply_qat(self.build_student(input_size, training_heads=True),
+        overrides = self._overrides(stage_name)
+        train_model = quantize.apply_qat(self.build_student(input_size, training_heads=True,
+                                                            overrides=overrides),
                                          preserve_sparsity=False)
         train_model.load_weights(str(src.weights))
         if self.info.family != "efficientformer":
             return train_model
-        infer = quantize.apply_qat(self.build_student(input_size), preserve_sparsity=False)
+        infer = quantize.apply_qat(self.build_student(input_size, overrides=overrides),
+                                   preserve_sparsity=False)
         infer.set_weights(train_model.get_weights())
         return infer
 
@@ -338,7 +409,10 @@ class Run:
                 print(f"[export] {stage_name} not trained, skipped")
                 continue
             model = self.inference_model(stage_name, size)
-            for fmt in e.formats[stage_name]:
+            formats = e.formats[stage_name]
+            if self.prune_facts(stage_name)["prune_method"] == "structured":
+                formats = [f for f in formats if not f.endswith("_sparse")]  # dense: no zeros
+            for fmt in formats:
                 rel = f"export/{self.student}.{stage_name}.{fmt}.tflite"
                 if rel in manifest and (self.workdir / rel).exists():
                     continue
@@ -399,7 +473,7 @@ class Run:
             return {"model": self.student, "stage": meta["stage"], "format": meta["format"],
                     "input_size": size, "params": costs["params"], "macs": costs["macs"],
                     "memory_traffic_bytes": costs["memory_traffic_bytes"],
-                    "sparsity": meta["audit"].get("sparsity")}
+                    "sparsity": meta["audit"].get("sparsity"), **self.prune_facts(meta["stage"])}
 
         threads = [t or os.cpu_count() for t in b.threads]
         benchmark_files(

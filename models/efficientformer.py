@@ -38,7 +38,7 @@ import numpy as np
 
 from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS, LayerScale, MatMul, Scale, merge_heads, split_heads
-from models.registry import register_model
+from models.registry import register_model, resolve_widths
 
 WIDTHS = {"l1": (48, 96, 224, 448), "l3": (64, 128, 320, 512), "l7": (96, 192, 384, 768)}
 DEPTHS = {"l1": (3, 2, 6, 4), "l3": (4, 4, 12, 6), "l7": (6, 6, 18, 8)}
@@ -130,13 +130,13 @@ def _conv3x3_s2(x, filters, name):
     return keras.layers.Conv2D(filters, 3, strides=2, padding="valid", name=name)(x)
 
 
-def meta4d(x, dim: int, name: str):
+def meta4d(x, dim: int, name: str, hidden: int | None = None):
     """Pool block: x + ls1*(avgpool(x) - x); x + ls2*(BN(1x1(GELU(BN(1x1(x))))))."""
     y = keras.layers.AveragePooling2D(3, strides=1, padding="same", name=f"{name}_pool")(x)
     y = keras.layers.Subtract(name=f"{name}_pool_sub")([y, x])
     y = LayerScale(LAYER_SCALE_INIT, name=f"{name}_ls1")(y)
     x = keras.layers.Add(name=f"{name}_add1")([x, y])
-    y = keras.layers.Conv2D(dim * MLP_RATIO, 1, name=f"{name}_mlp_fc1")(x)
+    y = keras.layers.Conv2D(hidden or dim * MLP_RATIO, 1, name=f"{name}_mlp_fc1")(x)
     y = _bn(y, f"{name}_mlp_bn1")
     y = keras.layers.Activation("gelu", name=f"{name}_mlp_gelu")(y)
     y = keras.layers.Conv2D(dim, 1, name=f"{name}_mlp_fc2")(y)
@@ -145,14 +145,15 @@ def meta4d(x, dim: int, name: str):
     return keras.layers.Add(name=f"{name}_add2")([x, y])
 
 
-def attention(x, dim: int, name: str):
-    """8 heads, key dim 32, value dim 128 per head; logits + relative-position bias."""
-    q = keras.layers.Dense(HEADS * KEY_DIM, name=f"{name}_q")(x)
-    k = keras.layers.Dense(HEADS * KEY_DIM, name=f"{name}_k")(x)
-    v = keras.layers.Dense(HEADS * KEY_DIM * ATTN_RATIO, name=f"{name}_v")(x)
-    q = split_heads(q, heads=HEADS, name=f"{name}_q_heads")
-    k = split_heads(k, heads=HEADS, name=f"{name}_k_heads")
-    v = split_heads(v, heads=HEADS, name=f"{name}_v_heads")
+def attention(x, dim: int, name: str, heads: int = HEADS):
+    """8 heads (the reference), key dim 32, value dim 128 per head; logits + relative-position
+    bias."""
+    q = keras.layers.Dense(heads * KEY_DIM, name=f"{name}_q")(x)
+    k = keras.layers.Dense(heads * KEY_DIM, name=f"{name}_k")(x)
+    v = keras.layers.Dense(heads * KEY_DIM * ATTN_RATIO, name=f"{name}_v")(x)
+    q = split_heads(q, heads=heads, name=f"{name}_q_heads")
+    k = split_heads(k, heads=heads, name=f"{name}_k_heads")
+    v = split_heads(v, heads=heads, name=f"{name}_v_heads")
     q = Scale(KEY_DIM**-0.5, name=f"{name}_scale")(q)
     attn = MatMul(transpose_b=True, name=f"{name}_qk")([q, k])  # [B, h, N, N]
     attn = AttentionBias(BIAS_RESOLUTION, name=f"{name}_bias")(attn)
@@ -162,18 +163,26 @@ def attention(x, dim: int, name: str):
     return keras.layers.Dense(dim, name=f"{name}_proj")(out)
 
 
-def meta3d(x, dim: int, name: str):
+def meta3d(x, dim: int, name: str, hidden: int | None = None, heads: int = HEADS):
     """Attention block on tokens: x + ls1*attn(LN(x)); x + ls2*MLP(LN(x))."""
     y = keras.layers.LayerNormalization(epsilon=LN_EPS, name=f"{name}_ln1")(x)
-    y = attention(y, dim, f"{name}_attn")
+    y = attention(y, dim, f"{name}_attn", heads)
     y = LayerScale(LAYER_SCALE_INIT, name=f"{name}_ls1")(y)
     x = keras.layers.Add(name=f"{name}_add1")([x, y])
     y = keras.layers.LayerNormalization(epsilon=LN_EPS, name=f"{name}_ln2")(x)
-    y = keras.layers.Dense(dim * MLP_RATIO, name=f"{name}_mlp_fc1")(y)
+    y = keras.layers.Dense(hidden or dim * MLP_RATIO, name=f"{name}_mlp_fc1")(y)
     y = keras.layers.Activation("gelu", name=f"{name}_mlp_gelu")(y)
     y = keras.layers.Dense(dim, name=f"{name}_mlp_fc2")(y)
     y = LayerScale(LAYER_SCALE_INIT, name=f"{name}_ls2")(y)
     return keras.layers.Add(name=f"{name}_add2")([x, y])
+
+
+def default_widths(*, widths, depths, num_vit: int, **_) -> dict:
+    """The reference's block widths in the `block_widths=` format of `build_efficientformer`:
+    `mlp` (MLP hidden units of every Meta4D and Meta3D block, in build order) and `heads`
+    (attention heads of every Meta3D block)."""
+    mlp = [dim * MLP_RATIO for dim, depth in zip(widths, depths) for _ in range(depth)]
+    return dict(mlp=mlp, heads=[HEADS] * num_vit)
 
 
 def build_efficientformer(
@@ -185,6 +194,7 @@ def build_efficientformer(
     input_size: int | None = None,
     dropout: float = 0.0,
     with_distillation_head: bool = False,
+    block_widths: dict | None = None,
     name: str = "efficientformer",
 ) -> keras.Model:
     """An EfficientFormer v1 classifier on a fixed `input_size` (default 224) RGB input.
@@ -192,10 +202,18 @@ def build_efficientformer(
     Inputs are expected normalised with ImageNet mean/std, as timm's. Output: the average of
     the class and distillation heads, or `[class_logits, distill_logits]` with
     `with_distillation_head=True`.
+
+    `block_widths` (the registry's `widths=` override; `widths` here are the stage widths of
+    the config): a thinner model of the same layout and layer names (structured pruning,
+    `compress/structured.py`), a dict of lists as `default_widths` returns, any key left out
+    keeping the reference's. None builds the reference model.
     """
     size = input_size or DEFAULT_SIZE
     if size % 32:
         raise ValueError(f"EfficientFormer input size must be a multiple of 32, got {size}")
+    bw = resolve_widths(block_widths, default_widths(widths=widths, depths=depths,
+                                                     num_vit=num_vit), name)
+    mlp, heads = iter(bw["mlp"]), iter(bw["heads"])
     inputs = keras.Input((size, size, 3), name="image")
     x = _conv3x3_s2(inputs, widths[0] // 2, "stem_conv1")
     x = _bn(x, "stem_bn1")
@@ -212,7 +230,10 @@ def build_efficientformer(
         for j in range(depth):
             if j == depth - n3d:
                 x = keras.layers.Reshape((-1, dim), name=f"stage{i}_flat")(x)
-            x = (meta3d if j >= depth - n3d else meta4d)(x, dim, f"stage{i}_block{j}")
+            if j >= depth - n3d:
+                x = meta3d(x, dim, f"stage{i}_block{j}", next(mlp), next(heads))
+            else:
+                x = meta4d(x, dim, f"stage{i}_block{j}", next(mlp))
     x = keras.layers.LayerNormalization(epsilon=LN_EPS, name="norm")(x)
     x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
     if dropout:
@@ -226,10 +247,11 @@ def build_efficientformer(
 
 
 def _builder(variant):
-    def build(*, num_classes=1000, input_size=None, **overrides):
+    def build(*, num_classes=1000, input_size=None, widths=None, **overrides):
         cfg = dict(widths=WIDTHS[variant], depths=DEPTHS[variant], num_vit=NUM_VIT[variant])
         return build_efficientformer(num_classes=num_classes, input_size=input_size,
-                                     name=f"efficientformer_{variant}", **{**cfg, **overrides})
+                                     name=f"efficientformer_{variant}", block_widths=widths,
+                                     **{**cfg, **overrides})
     return build
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS, multi_head_attention
-from models.registry import register_model
+from models.registry import register_model, resolve_widths
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
@@ -179,10 +179,13 @@ def conv_bn_act(x, filters, kernel, *, name, stride=1, act=True):
     return _act(x, f"{name}_act") if act else x
 
 
-def inverted_residual(x, filters, *, stride, expansion, name):
-    """MobileNetV2 block: 1x1 expand, 3x3 depthwise (stride), linear 1x1 project, residual."""
+def inverted_residual(x, filters, *, stride, expansion, name, mid=None):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise (stride), linear 1x1 project, residual.
+
+    `mid`: expansion (hidden) channels; None is the reference's `in_ch * expansion`, rounded.
+    """
     in_ch = x.shape[-1]
-    mid = _make_divisible(in_ch * expansion)
+    mid = mid or _make_divisible(in_ch * expansion)
     y = conv_bn_act(x, mid, 1, name=f"{name}_expand")
     if stride > 1:
         y = keras.layers.ZeroPadding2D(1, name=f"{name}_dw_pad")(y)
@@ -195,22 +198,30 @@ def inverted_residual(x, filters, *, stride, expansion, name):
     return y
 
 
-def mobilevit_block(x, *, dim, depth, name, dropout=0.0):
+def mobilevit_block(x, *, dim, depth, name, dropout=0.0, heads=None, mlp=None):
     """Local 3x3 conv + 1x1 -> unfold -> `depth` transformer layers -> LN -> fold -> 1x1 ->
-    3x3 fusion conv on [block input, projection]."""
+    3x3 fusion conv on [block input, projection].
+
+    `heads`, `mlp`: per transformer layer, the attention heads (of dim/HEADS channels each) and
+    MLP hidden units; None is the reference's HEADS and dim * MLP_RATIO in every layer.
+    """
     channels = x.shape[-1]
+    head_dim = dim // HEADS
+    heads = heads or [HEADS] * depth
+    mlp = mlp or [dim * MLP_RATIO] * depth
     y = conv_bn_act(x, channels, 3, name=f"{name}_local")
     y = keras.layers.Conv2D(dim, 1, use_bias=False, name=f"{name}_local_1x1")(y)
     t = Unfold(PATCH, name=f"{name}_unfold")(y)
     for i in range(depth):
         p = f"{name}_tr{i}"
         u = keras.layers.LayerNormalization(epsilon=LN_EPS, name=f"{p}_ln1")(t)
-        u = multi_head_attention(u, dim=dim, heads=HEADS, name=f"{p}_attn")
+        u = multi_head_attention(u, dim=heads[i] * head_dim, heads=heads[i], out_dim=dim,
+                                 name=f"{p}_attn")
         if dropout:
             u = keras.layers.Dropout(dropout, name=f"{p}_attn_drop")(u)
         t = keras.layers.Add(name=f"{p}_add1")([t, u])
         u = keras.layers.LayerNormalization(epsilon=LN_EPS, name=f"{p}_ln2")(t)
-        u = keras.layers.Dense(dim * MLP_RATIO, name=f"{p}_mlp_fc1")(u)
+        u = keras.layers.Dense(mlp[i], name=f"{p}_mlp_fc1")(u)
         u = _act(u, f"{p}_mlp_act")
         u = keras.layers.Dense(dim, name=f"{p}_mlp_fc2")(u)
         if dropout:
@@ -221,6 +232,23 @@ def mobilevit_block(x, *, dim, depth, name, dropout=0.0):
     y = conv_bn_act(y, channels, 1, name=f"{name}_proj")
     y = keras.layers.Concatenate(axis=-1, name=f"{name}_concat")([x, y])
     return conv_bn_act(y, channels, 3, name=f"{name}_fusion")
+
+
+def default_widths(*, expansion: int, stem: int, ir, mvit, **_) -> dict:
+    """The reference's widths in the `widths=` format of `build_mobilevit`: `expand` (hidden
+    channels of every inverted residual, in build order), `heads` and `mlp` (every transformer
+    layer, in build order)."""
+    expand, heads, mlp, channels = [], [], [], stem
+    for filters, blocks, _ in ir:
+        for _ in range(blocks):
+            expand.append(_make_divisible(channels * expansion))
+            channels = filters
+    for filters, dim, depth in mvit:
+        expand.append(_make_divisible(channels * expansion))
+        channels = filters
+        heads += [HEADS] * depth
+        mlp += [dim * MLP_RATIO] * depth
+    return dict(expand=expand, heads=heads, mlp=mlp)
 
 
 def build_mobilevit(
@@ -234,6 +262,7 @@ def build_mobilevit(
     input_size: int | None = None,
     dropout: float = 0.0,
     transformer_dropout: float = 0.0,
+    widths: dict | None = None,
     name: str = "mobilevit",
 ) -> keras.Model:
     """A MobileViT v1 classifier (see the module docstring); returns logits.
@@ -242,7 +271,13 @@ def build_mobilevit(
       dropout: classifier dropout (ml-cvnets ImageNet recipe: 0.1; timm default 0).
       transformer_dropout: dropout after attention and MLP in the transformer layers
         (ml-cvnets recipe: 0.1; timm default 0).
+      widths: a thinner model of the same layout and layer names (structured pruning,
+        `compress/structured.py`): a dict of lists as `default_widths` returns, any key left
+        out keeping the reference's widths. None builds the reference model.
     """
+    w = resolve_widths(widths, default_widths(expansion=expansion, stem=stem, ir=ir, mvit=mvit),
+                       name)
+    expand, heads, mlp = iter(w["expand"]), w["heads"], w["mlp"]
     shape = (input_size, input_size, 3) if input_size else (None, None, 3)
     inputs = keras.Input(shape, name="image")
     x = conv_bn_act(inputs, stem, 3, stride=2, name="stem")
@@ -250,13 +285,16 @@ def build_mobilevit(
     for filters, blocks, stride in ir:
         for j in range(blocks):
             x = inverted_residual(x, filters, stride=stride if j == 0 else 1, expansion=expansion,
-                                  name=f"stage{stage}_block{j}")
+                                  name=f"stage{stage}_block{j}", mid=next(expand))
         stage += 1
+    layer = 0
     for filters, dim, depth in mvit:
         x = inverted_residual(x, filters, stride=2, expansion=expansion,
-                              name=f"stage{stage}_block0")
+                              name=f"stage{stage}_block0", mid=next(expand))
         x = mobilevit_block(x, dim=dim, depth=depth, name=f"stage{stage}_block1",
-                            dropout=transformer_dropout)
+                            dropout=transformer_dropout, heads=heads[layer:layer + depth],
+                            mlp=mlp[layer:layer + depth])
+        layer += depth
         stage += 1
     x = conv_bn_act(x, head, 1, name="final")
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)

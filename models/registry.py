@@ -108,6 +108,34 @@ def check_input_size(name: str, input_size: int | None) -> None:
         )
 
 
+def resolve_widths(widths: dict | None, default: dict[str, list[int]], model: str) -> dict:
+    """The `widths=` override of a family builder, checked against the reference's widths.
+
+    `widths` is a plain dict of lists (JSON-serialisable, so a stage's `model.json` carries it):
+    e.g. MobileViT `{"expand": [...], "heads": [...], "mlp": [...]}`, one entry per block in
+    build order (`default_widths` of the family module). A key left out keeps the reference's
+    list. Raises ValueError naming the key on an unknown key, a wrong length or a width that is
+    not a positive int.
+    """
+    if widths is None:
+        return default
+    if not isinstance(widths, dict):
+        raise ValueError(f"{model}: widths must be a dict of lists, got {type(widths).__name__}")
+    unknown = sorted(set(widths) - set(default))
+    if unknown:
+        raise ValueError(f"{model}: unknown widths key(s) {unknown}; accepted: {sorted(default)}")
+    out = dict(default)
+    for key, values in widths.items():
+        values = list(values)
+        if len(values) != len(default[key]):
+            raise ValueError(f"{model}: widths[{key!r}] needs {len(default[key])} entries, "
+                             f"got {len(values)}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+            raise ValueError(f"{model}: widths[{key!r}] must be positive ints, got {values}")
+        out[key] = values
+    return out
+
+
 def create_model(name: str, num_classes: int = 1000, input_size: int | None = None, **overrides):
     """Build a registered model as a tf-keras functional model returning class logits.
 

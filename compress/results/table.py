@@ -64,6 +64,8 @@ EXTRA_COLUMNS = (
     "amx",  # absent | available | denied (compress.measure.latency: XNNPACK's AMX int8 kernels)
     "cpu",
     "host_figures",
+    "prune_method",  # none (no pruning upstream) | magnitude | structured (compress/structured.py)
+    "kept_fraction",  # structured: fraction of the dense student's MACs; magnitude: of weights
 )
 
 
@@ -74,11 +76,12 @@ _NUMERIC = {
     "input_size", "size_bytes", "gzip_bytes", "threads", "latency_p50_ms", "latency_p90_ms",
     "latency_mean_ms", "latency_std_ms", "top1", "agreement", "flex_ops", "partitions",
     "float_heavy_ops", "params", "macs", "sparsity", "latency_p99_ms", "latency_min_ms",
-    "first_invoke_ms", "peak_rss_mb", "warmup", "runs", "repeats",
+    "first_invoke_ms", "peak_rss_mb", "warmup", "runs", "repeats", "kept_fraction",
 }  # fmt: skip
 
 
-_FLOATS = {k for k in _NUMERIC if k.endswith(("_ms", "_mb"))} | {"top1", "agreement", "sparsity"}
+_FLOATS = {k for k in _NUMERIC if k.endswith(("_ms", "_mb"))} | {"top1", "agreement", "sparsity",
+                                                                 "kept_fraction"}
 
 
 def format_ops(ops: Any) -> str:

@@ -1,0 +1,366 @@
+"""Structured pruning: remove whole units and rebuild a smaller dense model of the same family.
+
+Magnitude pruning (`compress/prune.py`) leaves zeros that XNNPACK multiplies like any weight
+(fp32: no faster) or refuses (sparse int8: 8x slower without the delegate). This module instead
+removes units, so the result is a thinner dense model, a registered variant rebuilt with
+`models.create_model(name, widths=...)`:
+
+  * `expand`: the hidden (expansion) channels of MobileViT's inverted residuals: the 1x1 expand
+    conv's outputs, its BN, the depthwise conv and its BN, and the project conv's inputs. The
+    block's input and output widths (its interface, residuals included) do not change.
+  * `heads`: attention heads of every transformer block (MobileViT's, EfficientFormer's Meta3D),
+    head dim unchanged: q, k, v columns of the head (and its row of EfficientFormer's bias
+    table) and the projection's rows.
+  * `mlp`: MLP hidden units of every transformer block and of EfficientFormer's Meta4D conv MLPs.
+
+Importance (`importance=`), per unit:
+  * `taylor` (default): Molchanov et al. 2019 ("Importance Estimation for Neural Network
+    Pruning"), the squared first-order Taylor estimate of the loss change when the unit is
+    removed, averaged over a few batches of the training objective (the distillation loss with
+    the teacher where there is one). Removing unit c multiplies its output by 0, which is the
+    same as zeroing its rows of the consumer's kernel W, so the estimate is g_c = sum over those
+    rows of dL/dW * W: one gradient of the consumer kernels per batch, no graph change. It is a
+    loss change, so units of different layers compare, which a global budget needs.
+  * `magnitude`: the unit's activation scale (|gamma| of its BN, or the L2 norm of its input
+    weights where there is no BN) times the L2 norm of its output weights, divided by the
+    mean of its group: weights alone do not compare across layers (different fan-ins, LN and
+    layer scales), so each layer is normalised, and the score is that share of the layer's
+    work (times the unit's MACs). Measured (random weights): without the MAC factor the
+    per-MAC ranking strips the high-resolution layers to their minimum first.
+`select` removes the least score per MAC saved first: for `taylor` the cheapest loss change
+per MAC, for `magnitude` the units of least normalised magnitude in any layer.
+
+Selection against a MAC budget (`keep`: fraction of the dense model's MACs): every unit's cost is
+the MACs of the layers it feeds and is fed by, divided by the group's units (all linear in the
+units); chunks of `granularity` units (8 channels, 1 head: vector widths XNNPACK packs well) are
+removed greedily, cheapest loss per MAC first, until the MACs fit. A group keeps at least
+`min_width` of its units (default a quarter, rounded up to a chunk; at least one chunk): a
+first-order estimate says little about removing most of a layer, and without the floor the
+greedy took the high-resolution expansions of a barely trained MobileViT-XXS from 32-48 down to
+8 channels at keep 0.7. So a very small `keep` cannot be reached (`min_keep`).
+
+MACs are counted per Keras layer (`layer_macs`, equal to `compress.measure.costs.static_costs`
+on these families, a test checks), because a unit's cost needs the per-layer split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from models.compat import keras, tf
+
+FAMILIES = ("mobilevit", "efficientformer")
+IMPORTANCE = ("taylor", "magnitude")
+CHANNEL_GRANULARITY = 8
+MIN_WIDTH = 0.25  # default fraction of every group's units that stays (module doc)
+
+
+@dataclasses.dataclass
+class Group:
+    """One prunable set of units: `widths[key][index]` of the model."""
+
+    key: str  # expand | heads | mlp
+    index: int  # position in widths[key]
+    units: int
+    producers: list  # layers whose outputs (kernel columns, biases, BN vectors) are the units
+    consumers: list  # layers whose kernel rows (input channels) are the units
+    extra: list  # weightless layers whose MACs scale with the units (q.kT, attn.v)
+    granularity: int
+    minimum: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.key}[{self.index}]"
+
+
+def check_family(name: str) -> None:
+    """ValueError in one line when structured pruning does not support the model's family."""
+    import models
+
+    if models.get_model_info(name).family not in FAMILIES:
+        raise ValueError(f"structured pruning supports mobilevit_*, efficientformer_*; not "
+                         f"{name} ({models.get_model_info(name).family}_*) yet")
+
+
+def _numbers(name: str) -> tuple:
+    return tuple(int(n) for n in re.findall(r"\d+", name))
+
+
+def unit_groups(model: keras.Model, min_width: float = MIN_WIDTH) -> list[Group]:
+    """The prunable groups of a MobileViT / EfficientFormer model, in `widths` order; each
+    keeps at least `min_width` of its units (rounded up to whole chunks, at least one)."""
+    names = {layer.name for layer in model.layers}
+    found = []
+    for n in sorted(names):
+        if m := re.fullmatch(r"(.+)_expand_conv", n):
+            p = m[1]
+            found.append(("expand", p, [f"{p}_expand_conv", f"{p}_expand_bn", f"{p}_dw_conv",
+                                        f"{p}_dw_bn"], [f"{p}_project_conv"], [],
+                          CHANNEL_GRANULARITY))
+        elif m := re.fullmatch(r"(.+)_attn_q", n):
+            p = f"{m[1]}_attn"
+            producers = [f"{p}_q", f"{p}_k", f"{p}_v"] + [f"{p}_bias"] * (f"{p}_bias" in names)
+            found.append(("heads", p, producers, [f"{p}_proj"], [f"{p}_qk", f"{p}_av"], 1))
+        elif m := re.fullmatch(r"(.+)_mlp_fc1", n):
+            p = m[1]
+            producers = [n] + [f"{p}_mlp_bn1"] * (f"{p}_mlp_bn1" in names)
+            found.append(("mlp", p, producers, [f"{p}_mlp_fc2"], [], CHANNEL_GRANULARITY))
+    groups, counts = [], {}
+    for key, prefix, producers, consumers, extra, gran in sorted(
+            found, key=lambda f: (f[0], _numbers(f[1]))):
+        if key == "heads":  # [B, N, heads, head_dim] reshape of q
+            units = model.get_layer(f"{prefix}_q_heads_reshape").target_shape[1]
+        else:
+            units = _channels(model.get_layer(producers[0]))
+        minimum = max(1, -(-int(min_width * units) // gran)) * gran
+        groups.append(Group(key, counts.get(key, 0), int(units), producers, consumers, extra,
+                            gran, min(minimum, int(units))))
+        counts[key] = counts.get(key, 0) + 1
+    return groups
+
+
+def _channels(layer) -> int:
+    return int(layer.get_weights()[0].shape[-1])
+
+
+def widths_of(groups: list[Group], kept: dict | None = None) -> dict:
+    """The `widths=` dict of lists (JSON-ready) of the groups, with `kept` units where given."""
+    out = {}
+    for g in groups:
+        n = len(kept[g.name]) if kept is not None else g.units
+        out.setdefault(g.key, []).append(int(n))
+    return out
+
+
+# --------------------------------------------------------------------------------------- MACs
+
+
+def layer_macs(model: keras.Model, input_size: int) -> dict[str, int]:
+    """MACs of one batch-1 inference per layer (Conv2D, DepthwiseConv2D, Dense, MatMul).
+
+    Shapes are taken from one batch-1 forward pass: MobileViT's tokens carry the pixel
+    position inside the patch in the batch axis, which symbolic shapes leave as None (and a
+    model with a dynamic input has no static token count).
+    """
+    from models.layers import MatMul
+
+    kinds = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense, MatMul)
+    layers = [l for l in model.layers if isinstance(l, kinds)]
+    probe = keras.Model(model.inputs, [l.output for l in layers] +
+                        [l.input[0] for l in layers if isinstance(l, MatMul)])
+    outs = probe(np.zeros((1, input_size, input_size, 3), np.float32), training=False)
+    lhs = iter(outs[len(layers):])
+    macs = {}
+    for layer, out in zip(layers, outs):
+        n = int(np.prod(out.shape))
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            kh, kw = layer.kernel_size
+            macs[layer.name] = n * kh * kw
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            macs[layer.name] = n * kh * kw * int(layer.kernel.shape[2])
+        elif isinstance(layer, keras.layers.Dense):
+            macs[layer.name] = n * int(layer.kernel.shape[0])
+        else:
+            a = next(lhs).shape
+            macs[layer.name] = n * int(a[-2] if layer.transpose_a else a[-1])
+    return macs
+
+
+def unit_costs(groups: list[Group], macs: dict[str, int]) -> dict[str, float]:
+    """MACs saved per unit removed, per group (every cost is linear in the group's units)."""
+    return {g.name: sum(macs.get(n, 0) for n in g.producers + g.consumers + g.extra) / g.units
+            for g in groups}
+
+
+def min_keep(model: keras.Model, input_size: int, min_width: float = MIN_WIDTH) -> float:
+    """The smallest MAC fraction structured pruning reaches (every group at its minimum)."""
+    groups = unit_groups(model, min_width)
+    macs = layer_macs(model, input_size)
+    costs = unit_costs(groups, macs)
+    total = sum(macs.values())
+    removable = sum(costs[g.name] * _removable(g) for g in groups)
+    return (total - removable) / total
+
+
+def _removable(g: Group) -> int:
+    return (g.units - g.minimum) // g.granularity * g.granularity
+
+
+# ---------------------------------------------------------------------------------- importance
+
+
+def _out_axis(layer, weight_index: int) -> int:
+    """The axis of a producer's weight that indexes its output channels (or heads)."""
+    if isinstance(layer, keras.layers.DepthwiseConv2D) and weight_index == 0:
+        return 2
+    w = layer.weights[weight_index]
+    return len(w.shape) - 1 if len(w.shape) > 1 and not _is_bias_table(layer) else 0
+
+
+def _is_bias_table(layer) -> bool:
+    return type(layer).__name__ == "AttentionBias"
+
+
+def _unit_sum(values: np.ndarray, units: int) -> np.ndarray:
+    """Per-channel values [C] -> per-unit sums [units] (a unit is C // units adjacent channels)."""
+    return values.reshape(units, -1).sum(axis=1)
+
+
+def taylor_scores(model: keras.Model, groups: list[Group], batches, loss_fn) -> dict:
+    """Mean over batches of (sum over the unit's consumer rows of dL/dW * W)^2 (module doc).
+
+    Args:
+      batches: iterable of (images, labels).
+      loss_fn: (images, labels) -> scalar loss of `model` (e.g. `Distiller.batch_loss`).
+    """
+    kernels = [model.get_layer(c).weights[0] for g in groups for c in g.consumers]
+    sums = {g.name: np.zeros(g.units) for g in groups}
+    n = 0
+    for images, labels in batches:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(images, labels)
+        grads = tape.gradient(loss, kernels)
+        i = 0
+        for g in groups:
+            g_unit = np.zeros(g.units)
+            for _ in g.consumers:
+                gw = (grads[i] * kernels[i]).numpy()
+                per_in = gw.reshape(-1, gw.shape[-2], gw.shape[-1]).sum(axis=(0, 2))
+                g_unit += _unit_sum(per_in, g.units)
+                i += 1
+            sums[g.name] += g_unit**2
+        n += 1
+    if not n:
+        raise ValueError("taylor importance needs at least one batch")
+    return {k: v / n for k, v in sums.items()}
+
+
+def magnitude_scores(model: keras.Model, groups: list[Group], costs: dict) -> dict:
+    """|BN gamma| (else input-weight norm) x output-weight norm per unit, over its group mean,
+    times the unit's MACs (`unit_costs`; module doc)."""
+    scores = {}
+    for g in groups:
+        bns = [p for p in g.producers
+               if isinstance(model.get_layer(p), keras.layers.BatchNormalization)]
+        if bns:
+            scale = np.abs(model.get_layer(bns[-1]).gamma.numpy())
+        else:
+            kernel = [p for p in g.producers if not _is_bias_table(model.get_layer(p))][-1]
+            w = model.get_layer(kernel).weights[0].numpy()
+            scale = np.sqrt((w.reshape(-1, w.shape[-1]) ** 2).sum(axis=0))
+        out = np.zeros(g.units)
+        for c in g.consumers:
+            w = model.get_layer(c).weights[0].numpy()
+            rows = np.sqrt((np.moveaxis(w, -2, 0).reshape(w.shape[-2], -1) ** 2).sum(axis=1))
+            out += _unit_sum(rows * scale, g.units)
+        scores[g.name] = out / max(out.mean(), 1e-12) * costs[g.name]
+    return scores
+
+
+# ---------------------------------------------------------------------------------- selection
+
+
+def select(groups: list[Group], scores: dict, costs: dict, *, keep: float,
+           total_macs: float) -> dict:
+    """Kept unit indices per group (sorted) so that the MACs are at most `keep * total_macs`.
+
+    Greedy over chunks of `granularity` units, least score per MAC saved first; within a group
+    the lowest-scoring units go first (so a group's successive chunks never get cheaper and the
+    greedy equals a merge of the groups' sorted chunk lists).
+    """
+    import heapq
+
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    order = {g.name: np.argsort(scores[g.name], kind="stable") for g in groups}
+    removed = {g.name: 0 for g in groups}
+    heap = []
+
+    def push(g):
+        r = removed[g.name]
+        if r + g.granularity <= _removable(g):
+            chunk = order[g.name][r:r + g.granularity]
+            saved = costs[g.name] * g.granularity
+            heapq.heappush(heap, (float(np.sum(scores[g.name][chunk])) / max(saved, 1e-12),
+                                  g.key, g.index, g))
+
+    for g in groups:
+        push(g)
+    budget, macs = keep * total_macs, float(total_macs)
+    while macs > budget + 1e-6:
+        if not heap:
+            raise ValueError(f"keep={keep}: out of reach, the smallest model keeps "
+                             f"{macs / total_macs:.3f} of the MACs")
+        *_, g = heapq.heappop(heap)
+        removed[g.name] += g.granularity
+        macs -= costs[g.name] * g.granularity
+        push(g)
+    return {g.name: np.sort(order[g.name][removed[g.name]:]) for g in groups}
+
+
+# ---------------------------------------------------------------------------------- transfer
+
+
+def transfer(src: keras.Model, dst: keras.Model, groups: list[Group], kept: dict) -> None:
+    """Copy `src`'s weights into the thinner `dst` (same layer names), keeping the `kept` units
+    of every group and every other weight as is."""
+    slices: dict[str, list] = {}  # layer -> [(weight index, axis, channels)]
+
+    def channels(n, g):
+        per = n // g.units
+        idx = np.asarray(kept[g.name])
+        return (idx[:, None] * per + np.arange(per)).ravel()
+
+    for g in groups:
+        for name in g.producers:
+            layer = src.get_layer(name)
+            for i, w in enumerate(layer.weights):
+                axis = _out_axis(layer, i)
+                slices.setdefault(name, []).append((i, axis, channels(w.shape[axis], g)))
+        for name in g.consumers:
+            w = src.get_layer(name).weights[0]
+            slices.setdefault(name, []).append((0, len(w.shape) - 2,
+                                                channels(w.shape[-2], g)))
+    for layer in src.layers:
+        if not layer.weights:
+            continue
+        ws = layer.get_weights()
+        for i, axis, ch in slices.get(layer.name, []):
+            ws[i] = np.take(ws[i], ch, axis=axis)
+        dst.get_layer(layer.name).set_weights(ws)
+
+
+def prune_structured(model: keras.Model, rebuild, *, keep: float, input_size: int,
+                     importance: str = "taylor", batches=None, loss_fn=None,
+                     min_width: float = MIN_WIDTH):
+    """Score, select and cut: the thinner model with `model`'s kept weights, and a summary.
+
+    Args:
+      model: the trained model (training or inference heads, as `rebuild` builds).
+      rebuild: widths -> a fresh model of the same family and heads with those widths.
+      keep: fraction of `model`'s MACs at `input_size` to keep, in (0, 1].
+      importance: 'taylor' (needs `batches` and `loss_fn`, see `taylor_scores`) or 'magnitude'.
+      min_width: fraction of every group's units that stays (module doc).
+    Returns: (small model, dict(widths, macs, dense_macs, kept_fraction, importance)).
+    """
+    if importance not in IMPORTANCE:
+        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+    groups = unit_groups(model, min_width)
+    macs = layer_macs(model, input_size)
+    total = sum(macs.values())
+    costs = unit_costs(groups, macs)
+    if importance == "taylor":
+        scores = taylor_scores(model, groups, batches, loss_fn)
+    else:
+        scores = magnitude_scores(model, groups, costs)
+    kept = select(groups, scores, costs, keep=keep, total_macs=total)
+    widths = widths_of(groups, kept)
+    small = rebuild(widths)
+    transfer(model, small, groups, kept)
+    small_macs = sum(layer_macs(small, input_size).values())
+    return small, dict(widths=widths, macs=int(small_macs), dense_macs=int(total),
+                       kept_fraction=small_macs / total, importance=importance)

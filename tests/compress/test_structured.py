@@ -1,0 +1,183 @@
+"""Structured pruning (compress/structured.py): the widths= override, exact weight transfer, the
+MAC budget, rebuilding from model.json, importance, and the fast int8 path of a cut model."""
+
+import json
+
+import numpy as np
+import pytest
+
+import models
+from compress import structured as st
+from compress.measure.costs import static_costs
+from models.compat import keras, tf
+
+S = 64  # tiny input: the full-width graphs at a few MMACs
+
+
+def perturbed(name, seed=0):
+    """A model at S px with BN statistics, BN/LN scales and layer scales away from their init,
+    so that every unit contributes differently (random init alone leaves BN at identity)."""
+    keras.backend.clear_session()
+    model = models.create_model(name, num_classes=10, input_size=S)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
+            ws = layer.get_weights()
+            ws = [w + rng.normal(0, 0.2, w.shape).astype("float32") for w in ws[:3]] + \
+                [w * rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in ws[3:]]
+            layer.set_weights(ws)
+        elif type(layer).__name__ == "LayerScale":
+            layer.set_weights([rng.uniform(0.5, 1.5, layer.gamma.shape).astype("float32")])
+    return model
+
+
+def rebuild(name):
+    return lambda w: models.create_model(name, num_classes=10, input_size=S, widths=w)
+
+
+@pytest.fixture(scope="module")
+def xxs():
+    return perturbed("mobilevit_xxs")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(1).random((2, S, S, 3)).astype("float32")
+
+
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "efficientformer_l1"])
+def test_default_widths_build_todays_model(name):
+    """widths=None and the reference's widths written out build the same layers and weights."""
+    keras.backend.clear_session()
+    plain = models.create_model(name, num_classes=10, input_size=S)
+    groups = st.unit_groups(plain)
+    explicit = models.create_model(name, num_classes=10, input_size=S,
+                                   widths=st.widths_of(groups))
+    assert [l.name for l in plain.layers] == [l.name for l in explicit.layers]
+    assert [w.shape for w in plain.weights] == [w.shape for w in explicit.weights]
+    assert sum(len(v) for v in st.widths_of(groups).values()) == len(groups)
+
+
+def test_bad_widths_are_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"widths\['heads'\] needs 9 entries, got 2"):
+        models.create_model("mobilevit_xxs", widths={"heads": [1, 2]})
+    with pytest.raises(ValueError, match=r"unknown widths key\(s\) \['depth'\]"):
+        models.create_model("efficientformer_l1", widths={"depth": [1]})
+
+
+def test_layer_macs_add_up_to_the_static_cost_counter(xxs):
+    assert sum(st.layer_macs(xxs, S).values()) == static_costs(xxs, S)["macs"]
+    dynamic = models.create_model("mobilevit_xxs", num_classes=10)  # (None, None, 3) input
+    assert st.layer_macs(dynamic, S) == st.layer_macs(xxs, S)
+
+
+def test_nothing_removed_gives_identical_logits(xxs, images):
+    small, info = st.prune_structured(xxs, rebuild("mobilevit_xxs"), keep=1.0, input_size=S,
+                                      importance="magnitude")
+    assert info["kept_fraction"] == 1.0
+    np.testing.assert_array_equal(small(images).numpy(), xxs(images).numpy())
+
+
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "efficientformer_l1"])
+def test_units_with_zero_outgoing_weights_are_removed_exactly(name, images):
+    """Zero the consumer rows of some units of every group; cutting exactly those units leaves
+    the logits unchanged, and the Taylor score of those units is zero."""
+    model = perturbed(name)
+    rng = np.random.default_rng(2)
+    groups = st.unit_groups(model)
+    kept = {}
+    for g in groups:
+        drop = rng.choice(g.units, size=max(1, g.units // 4), replace=False)
+        kept[g.name] = np.setdiff1d(np.arange(g.units), drop)
+        for c in g.consumers:
+            layer = model.get_layer(c)
+            ws = layer.get_weights()
+            per = ws[0].shape[-2] // g.units
+            rows = (drop[:, None] * per + np.arange(per)).ravel()
+            idx = [slice(None)] * ws[0].ndim
+            idx[-2] = rows
+            ws[0][tuple(idx)] = 0
+            layer.set_weights(ws)
+    before = model(images).numpy()
+    small = rebuild(name)(st.widths_of(groups, kept))
+    st.transfer(model, small, groups, kept)
+    np.testing.assert_allclose(small(images).numpy(), before, atol=1e-5, rtol=1e-5)
+    assert small.count_params() < model.count_params()
+
+    def loss_fn(x, y):
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            y, model(x, training=False), from_logits=True))
+
+    scores = st.taylor_scores(model, groups, [(images, np.array([1, 2]))], loss_fn)
+    for g in groups:
+        dropped = np.setdiff1d(np.arange(g.units), kept[g.name])
+        assert np.all(scores[g.name][dropped] == 0)
+        assert np.any(scores[g.name][kept[g.name]] > 0)
+
+
+def test_cut_model_fits_the_mac_budget_and_rebuilds_from_model_json(xxs, images, tmp_path):
+    keep = 0.7
+    small, info = st.prune_structured(xxs, rebuild("mobilevit_xxs"), keep=keep, input_size=S,
+                                      importance="magnitude")
+    dense, cut = static_costs(xxs, S)["macs"], static_costs(small, S)["macs"]
+    assert cut == info["macs"] and dense == info["dense_macs"]
+    assert keep - 0.05 < cut / dense <= keep  # at most one chunk of 8 channels under
+    for key, full in st.widths_of(st.unit_groups(xxs)).items():
+        assert all(n <= f for n, f in zip(info["widths"][key], full))
+        if key != "heads":
+            assert all(n % 8 == 0 for n in info["widths"][key])
+    # model.json carries the widths; create_model rebuilds the model without this module
+    spec = json.loads(json.dumps({"name": "mobilevit_xxs",
+                                  "overrides": {"widths": info["widths"]}}))
+    small.save_weights(str(tmp_path / "w.h5"))
+    again = models.create_model(spec["name"], num_classes=10, **spec["overrides"])
+    again.load_weights(str(tmp_path / "w.h5"))
+    np.testing.assert_allclose(again(images).numpy(), small(images).numpy(), atol=1e-6)
+
+
+def test_taylor_removes_the_units_the_loss_does_not_need(images):
+    """Units whose output the loss ignores (zero outgoing weights) go before any other."""
+    model = perturbed("mobilevit_xxs", seed=3)
+    g = [g for g in st.unit_groups(model) if g.key == "mlp"][0]
+    layer = model.get_layer(g.consumers[0])
+    ws = layer.get_weights()
+    ws[0][:16] = 0  # 16 of 128 hidden units of the first MLP
+    layer.set_weights(ws)
+
+    def loss_fn(x, y):
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            y, model(x, training=False), from_logits=True))
+
+    _, info = st.prune_structured(model, rebuild("mobilevit_xxs"), keep=0.999, input_size=S,
+                                  importance="taylor", batches=[(images, np.array([1, 2]))],
+                                  loss_fn=loss_fn)
+    assert info["widths"]["mlp"][0] in (112, 120)  # only zero units went
+
+
+def test_bad_budgets_and_families_are_refused(xxs):
+    with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
+        st.prune_structured(xxs, rebuild("mobilevit_xxs"), keep=0.0, input_size=S,
+                            importance="magnitude")
+    smallest = st.min_keep(xxs, S)
+    with pytest.raises(ValueError, match=r"keep=0.2: out of reach, the smallest model keeps "
+                                         f"{smallest:.3f}"):
+        st.prune_structured(xxs, rebuild("mobilevit_xxs"), keep=0.2, input_size=S,
+                            importance="magnitude")
+    with pytest.raises(ValueError, match="structured pruning supports mobilevit_\\*, "
+                                         "efficientformer_\\*; not mobile_former_26m"):
+        st.check_family("mobile_former_26m")
+
+
+@pytest.mark.slow
+def test_int8_export_of_a_cut_model_is_one_xnnpack_partition(xxs, tmp_path):
+    from compress.tflite.audit import audit_tflite
+    from compress.tflite.convert import export_tflite
+
+    small, _ = st.prune_structured(xxs, rebuild("mobilevit_xxs"), keep=0.6, input_size=S,
+                                   importance="magnitude")
+    rep = np.random.default_rng(4).random((8, S, S, 3)).astype("float32")
+    path = tmp_path / "cut.int8.tflite"
+    export_tflite(small, path, fmt="int8", input_size=S, representative=rep)
+    audit = audit_tflite(str(path))
+    assert audit["partitions"] == 1 and audit["undelegated_ops"] == {}
+    assert audit["float_heavy_ops"] == 0

@@ -104,6 +104,14 @@ def validate_flags() -> None:
     if not 0 <= c.prune.target_sparsity < 1:
         _fail(f"--config.prune.target_sparsity must be in [0, 1), got "
                              f"{c.prune.target_sparsity}")
+    tc = c.distill.teacher_cache
+    if tc.views < 0 or tc.top_k < 1 or tc.images_per_shard < 1 or tc.batch_size < 1:
+        _fail("--config.distill.teacher_cache: views must be >= 0 (0: no cache), top_k, "
+              f"images_per_shard and batch_size >= 1; got {tc.to_dict()}")
+    if tc.views and (c.data.randaugment or c.data.mixup or c.data.cutmix):
+        _fail("--config.distill.teacher_cache.views: the teacher cache cannot be combined with "
+              "data.randaugment, data.mixup or data.cutmix (the teacher scored unmodified views); "
+              "turn those off or set --config.distill.teacher_cache.views=0")
     if c.export.float_layers:  # globs of student layer names: check them before any training
         from compress.export import layers_matching
 

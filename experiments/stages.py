@@ -89,7 +89,7 @@ class Run:
                                  base_size=s.base_size, base_batch=s.base_batch,
                                  seed=self.cfg.seed, num_replicas=self.replicas)
 
-    def _train_ds_factory(self, sampler):
+    def _train_ds_factory(self, sampler, teacher_cache=None):
         from experiments import data as input_data
 
         d = self.cfg.data
@@ -100,7 +100,7 @@ class Run:
         def make(start_step: int):
             return input_data.train_dataset(self.train_src, sampler, start_step=start_step,
                                             augment=augment, seed=self.cfg.seed,
-                                            crop_pct=d.crop_pct)
+                                            crop_pct=d.crop_pct, teacher_cache=teacher_cache)
 
         return make
 
@@ -131,18 +131,50 @@ class Run:
                     mixed_precision=self.policy)
 
     def _fit(self, stage: StageDir, model_fn, sampler, section, *, tb_name, eval_size,
-             callbacks_fn=None):
-        """Train `model_fn()` (built inside the strategy scope) and evaluate at `eval_size`."""
+             callbacks_fn=None, teacher_cache=None):
+        """Train `model_fn()` (built inside the strategy scope), then evaluate it at `eval_size`
+        on the validation split, saving its per-image predictions in the stage folder."""
         from compress import training
 
         with self.strategy.scope():
             model = model_fn()
         callbacks = callbacks_fn() if callbacks_fn else []
-        return model, training.train(
-            model, self._train_ds_factory(sampler), workdir=str(stage.path),
-            logdir=str(self.tb / tb_name), val_ds=self._val_ds(eval_size),
-            strategy=self.strategy, callbacks=callbacks,
+        metrics = training.train(
+            model, self._train_ds_factory(sampler, teacher_cache), workdir=str(stage.path),
+            logdir=str(self.tb / tb_name), strategy=self.strategy, callbacks=callbacks,
             checkpoint_every=section.checkpoint_every, **self._optim_kwargs(section))
+        metrics.update(self._evaluate_and_save(stage.path, model, eval_size,
+                                               label_smoothing=section.label_smoothing,
+                                               logdir=self.tb / tb_name, step=metrics["step"]))
+        if metrics["step"] > metrics["start_step"]:
+            metrics["s_per_step"] = metrics["wall_s"] / (metrics["step"] - metrics["start_step"])
+        return model, metrics
+
+    def _evaluate_and_save(self, folder, model, size, *, label_smoothing=0.0, logdir=None,
+                           step=0) -> dict:
+        """Top-1 and label loss (smoothed as in training) of `model` (a Distiller or a plain
+        model) on the whole validation split; its per-image predictions go to
+        `folder/val_predictions.npy` for the paired gain (experiments.summary), and `val/top1`,
+        `val/loss` to TensorBoard under `logdir`."""
+        from compress.distill import label_loss
+        from experiments.summary import save_predictions
+        from models.compat import tf
+
+        preds, losses, labels = [], [], []
+        for images, y in self._val_ds(size):
+            logits = tf.cast(model(images, training=False), tf.float32)
+            preds.append(np.argmax(logits.numpy(), -1))
+            losses.append(label_loss(y, logits, label_smoothing=label_smoothing).numpy())
+            labels.append(y.numpy())
+        preds, labels = np.concatenate(preds), np.concatenate(labels)
+        save_predictions(folder, preds)
+        out = {"val_top1": float((preds == labels).mean()),
+               "val_loss": float(np.concatenate(losses).mean())}
+        if logdir is not None:
+            with tf.summary.create_file_writer(str(logdir)).as_default(step=step):
+                tf.summary.scalar("val/top1", out["val_top1"])
+                tf.summary.scalar("val/loss", out["val_loss"])
+        return out
 
     # ---------------------------------------------------------------------------------- stages
     def stage_teacher(self, stage: StageDir) -> None:
@@ -160,8 +192,8 @@ class Run:
             shutil.copy(src.weights, stage.weights)
             stage.save_model_json(**spec)
             teacher, size = self.load_teacher_from(stage)
-            top1 = self._evaluate_keras(teacher, size)
-            stage.finish({"val_top1": top1, "source": arg, "trained_steps": 0})
+            m = self._evaluate_and_save(stage.path, teacher, size)
+            stage.finish({**m, "source": arg, "trained_steps": 0})
             return
         npz = arg if arg.endswith(".npz") else None
         name = self._teacher_name_for_npz(npz) if npz else arg
@@ -183,13 +215,17 @@ class Run:
                               source=npz or "scratch")
         stage.finish(metrics)
 
-    def load_teacher_from(self, stage):
-        """The frozen teacher saved in `stage` and the input size it was trained at."""
+    def load_teacher_from(self, stage, *, build=True):
+        """The frozen teacher saved in `stage` and the input size it was trained at (`build=False`:
+        None and the size)."""
         spec = stage.model_json()
+        size = spec.get("input_size", models.get_model_info(spec["name"]).default_size)
+        if not build:
+            return None, size
         teacher = models.create_model(spec["name"], num_classes=spec["num_classes"])
         teacher.load_weights(str(stage.weights))
         teacher.trainable = False
-        return teacher, spec.get("input_size", models.get_model_info(spec["name"]).default_size)
+        return teacher, size
 
     @staticmethod
     def _teacher_name_for_npz(path):
@@ -200,28 +236,64 @@ class Run:
                              f"{sorted(by_width)}")
         return by_width[width]
 
-    def _evaluate_keras(self, model, size) -> float:
-        correct = total = 0
-        for images, labels in self._val_ds(size):
-            pred = np.argmax(model(images, training=False).numpy(), -1)
-            correct += int((pred == labels.numpy()).sum())
-            total += len(pred)
-        return correct / max(total, 1)
+    def teacher_cache(self):
+        """The teacher's outputs on `distill.teacher_cache.views` recorded views of every
+        training image (experiments.data.teacher_cache), built on first use (resuming a partial
+        build) under distill/teacher_cache/ and shared by the distill, prune and QAT stages;
+        None when `views` is 0 (the teacher then runs online in every step)."""
+        c = self.cfg.distill.teacher_cache
+        if not c.views:
+            return None
+        if getattr(self, "_teacher_cache", None) is None:
+            import time
+
+            from experiments.data import teacher_cache
+
+            size = self.load_teacher_from(self._require("teacher"), build=False)[1]
+            spec = teacher_cache.ViewSpec(
+                views=c.views, top_k=min(c.top_k, self.num_classes),
+                scale=(self.cfg.data.scale_min, 1.0), teacher_size=size, seed=self.cfg.seed)
+            t0 = time.perf_counter()
+            self._teacher_cache = teacher_cache.build(
+                self.workdir / "distill" / "teacher_cache", self.train_src,
+                lambda: self.load_teacher()[0], spec,
+                teacher_weights=self._require("teacher").weights,
+                images_per_shard=c.images_per_shard, batch_size=c.batch_size,
+                precision=self.policy)
+            self._teacher_cache_s = time.perf_counter() - t0
+            keras.backend.clear_session()  # the teacher is not needed any more
+        return self._teacher_cache
 
     def _student_fit(self, stage, section, *, kind, alpha, student_fn, tb_name, callbacks_fn=None):
-        """Train a student with `section`'s optimiser, sampler and temperature."""
+        """Train a student with `section`'s optimiser, sampler and temperature; the teacher's
+        outputs come from the teacher cache when there is one, else from the teacher run on
+        every batch."""
         from compress.distill import Distiller
 
-        teacher, teacher_size = self.load_teacher() if kind != "none" else (None, None)
+        cache = self.teacher_cache() if kind != "none" else None
+        use_teacher = kind != "none" and cache is None
+        teacher, teacher_size = self.load_teacher() if use_teacher else (None, None)
 
         def build():
             return Distiller(student_fn(), teacher, kind=kind, alpha=alpha,
                              temperature=section.temperature, teacher_size=teacher_size,
-                             label_smoothing=section.label_smoothing)
+                             label_smoothing=section.label_smoothing,
+                             teacher_from_data=cache is not None)
 
         sampler = self._sampler(section)
-        return self._fit(stage, build, sampler, section, tb_name=tb_name,
-                         eval_size=self.export_size, callbacks_fn=callbacks_fn)
+        model, metrics = self._fit(stage, build, sampler, section, tb_name=tb_name,
+                                   eval_size=self.export_size, callbacks_fn=callbacks_fn,
+                                   teacher_cache=cache)
+        if cache is not None:
+            m = cache.manifest
+            metrics["teacher_cache"] = {
+                "views": m["views"], "top_k": m["top_k"], "path": str(cache.path),
+                "bytes": int(cache.records.nbytes),
+                "bytes_per_image_view": int(cache.records.itemsize // m["views"]),
+                "build_s_per_view": m.get("build_s_per_view"),
+                "build_s_this_stage": round(getattr(self, "_teacher_cache_s", 0.0), 1)}
+            self._teacher_cache_s = 0.0  # counted once, by the stage that built it
+        return model, metrics
 
     def stage_distill(self, stage: StageDir) -> None:
         d = self.cfg.distill
@@ -369,6 +441,8 @@ class Run:
         val = self._val_ds(size, limit=b.val_limit or None)  # a class-balanced subset
         val = [(x.numpy(), y.numpy()) for x, y in val]  # scored once per file, same images
         per_stage = {}  # stage -> (Keras top-1 per image, static costs), computed once
+        gain = self.distillation_gain()  # the run's teacher and labels-only top-1 on every row
+        training_figures = {k: gain[k] for k in ("teacher_top1", "baseline_top1")}
 
         def stage_facts(stage_name):
             if stage_name not in per_stage:
@@ -388,7 +462,7 @@ class Run:
             return {"model": self.student, "stage": meta["stage"], "format": meta["format"],
                     "input_size": size, "params": costs["params"], "macs": costs["macs"],
                     "memory_traffic_bytes": costs["memory_traffic_bytes"],
-                    "sparsity": meta["audit"].get("sparsity")}
+                    "sparsity": meta["audit"].get("sparsity"), **training_figures}
 
         threads = [t or os.cpu_count() for t in b.threads]
         benchmark.benchmark_files(
@@ -398,13 +472,28 @@ class Run:
             reference_predictions=lambda path: stage_facts(manifest[rel(path)]["stage"])[0])
         stage.finish({"files": len(manifest)})
 
+    def distillation_gain(self) -> dict:
+        """Teacher, labels-only and distilled top-1 and the paired gain (experiments.summary)."""
+        from experiments import summary
+
+        return summary.distillation_gain(self.workdir, self.val_src.labels,
+                                         kind=self.cfg.distill.kind)
+
     def stage_report(self, stage: StageDir) -> None:
         from compress import results
+
+        from experiments import summary
 
         stage.begin({})
         report = results.write_report(str(self.workdir), title=f"{self.student} from "
                                       f"{self.teacher_arg} ({self.cfg.preset} preset)")
-        results.write_hparams(str(self.workdir))
+        gain = self.distillation_gain()
+        summary.insert_after_title(report, [gain["line"]])
+        rows = results.read_results(str(self.workdir))
+        for r in rows:  # the kind each file's student was distilled with
+            r["distill.kind"] = self.cfg.distill.kind
+        results.write_hparams(str(self.workdir), rows + summary.student_trials(
+            gain, model=self.student, input_size=self.export_size))
         lines = ["", "## Training stages (Keras, validation split)", "",
                  "| stage | val top-1 | steps | minutes | note |", "|---|---|---|---|---|"]
         for name in ("teacher", "distill", "prune", "qat"):

@@ -28,6 +28,7 @@ def run(*args):
     ("--config.prune.target_sparsity=1.5", r"target_sparsity must be in \[0, 1\)"),
     ("--config.export.float_layers=('stage9_*',)",
      r"--config.export.float_layers: 'stage9_\*' matches no layer of mobilevit_xxs"),
+    ("--config.data.mixup=0.8", "teacher_cache.views: the teacher cache cannot be combined"),
     ("--bogus=1", "Unknown command line flag 'bogus'"),
 ])
 def test_bad_flag_is_refused_with_accepted_values(override, expected):

@@ -441,8 +441,6 @@ class Run:
         val = self._val_ds(size, limit=b.val_limit or None)  # a class-balanced subset
         val = [(x.numpy(), y.numpy()) for x, y in val]  # scored once per file, same images
         per_stage = {}  # stage -> (Keras top-1 per image, static costs), computed once
-        gain = self.distillation_gain()  # the run's teacher and labels-only top-1 on every row
-        training_figures = {k: gain[k] for k in ("teacher_top1", "baseline_top1")}
 
         def stage_facts(stage_name):
             if stage_name not in per_stage:
@@ -462,7 +460,7 @@ class Run:
             return {"model": self.student, "stage": meta["stage"], "format": meta["format"],
                     "input_size": size, "params": costs["params"], "macs": costs["macs"],
                     "memory_traffic_bytes": costs["memory_traffic_bytes"],
-                    "sparsity": meta["audit"].get("sparsity"), **training_figures}
+                    "sparsity": meta["audit"].get("sparsity")}
 
         threads = [t or os.cpu_count() for t in b.threads]
         benchmark.benchmark_files(
@@ -490,10 +488,12 @@ class Run:
         gain = self.distillation_gain()
         summary.insert_after_title(report, [gain["line"]])
         rows = results.read_results(str(self.workdir))
-        for r in rows:  # the kind each file's student was distilled with
-            r["distill.kind"] = self.cfg.distill.kind
-        results.write_hparams(str(self.workdir), rows + summary.student_trials(
-            gain, model=self.student, input_size=self.export_size))
+        for r in rows:  # the run's training figures, appended columns (CONTRACT: more may follow)
+            r.update(teacher_top1=gain["teacher_top1"], baseline_top1=gain["baseline_top1"])
+        results.write_results(str(self.workdir), rows, merge=False)
+        results.write_hparams(str(self.workdir), [
+            *({**r, "distill.kind": self.cfg.distill.kind} for r in rows),  # each file's student
+            *summary.student_trials(gain, model=self.student, input_size=self.export_size)])
         lines = ["", "## Training stages (Keras, validation split)", "",
                  "| stage | val top-1 | steps | minutes | note |", "|---|---|---|---|---|"]
         for name in ("teacher", "distill", "prune", "qat"):

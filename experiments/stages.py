@@ -15,6 +15,7 @@ import glob
 import os
 import pathlib
 import shutil
+import time
 
 import numpy as np
 from absl import logging
@@ -245,8 +246,6 @@ class Run:
         if not c.views:
             return None
         if getattr(self, "_teacher_cache", None) is None:
-            import time
-
             from experiments.data import teacher_cache
 
             size = self.load_teacher_from(self._require("teacher"), build=False)[1]
@@ -479,7 +478,6 @@ class Run:
 
     def stage_report(self, stage: StageDir) -> None:
         from compress import results
-
         from experiments import summary
 
         stage.begin({})
@@ -502,7 +500,9 @@ class Run:
                 continue
             note = {"teacher": f"{self.teacher_arg}",
                     "distill": f"{self.cfg.distill.kind} KD, alpha {self.cfg.distill.alpha}, "
-                               f"T {self.cfg.distill.temperature}",
+                               f"T {self.cfg.distill.temperature}" + (
+                                   f", teacher cache of {m['teacher_cache']['views']} views"
+                                   if m.get("teacher_cache") else ""),
                     "prune": f"sparsity {m.get('sparsity', float('nan')):.3f}",
                     "qat": "fake-quant model"}[name]
             minutes = f"{m['wall_s'] / 60:.1f}" if m.get("wall_s") else ""

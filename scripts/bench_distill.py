@@ -110,16 +110,18 @@ def timing(args) -> None:
             per_round[name].append(fit(name, start, args.steps))
         print(f"round {r + 1}: " + ", ".join(f"{n} {per_round[n][-1]:.3f} s/step" for n in names),
               flush=True)
-    med = {n: float(np.median(v)) for n, v in per_round.items()}
-    ratio = {n: float(np.median(np.array(per_round[n]) / np.array(per_round["labels"])))
-             for n in names}
-    print(f"\n{args.student}, quick sampler, {args.precision}, seconds per step (median of "
-          f"{args.rounds} rounds of {args.steps - 1} timed steps):")
-    for n in names:
-        print(f"  {n:7s} {med[n]:.3f} s/step  {ratio[n]:.2f}x labels-only")
-    print(json.dumps({"s_per_step": med, "ratio_to_labels": ratio,
-                      "build_ms_per_image_view": 1e3 * build_s / n_views,
-                      "bytes_per_image_view": tc.bytes_per_view(spec.top_k)}))
+        # the summary so far after every round: a run cut short still reports its figures
+        med = {n: float(np.median(v)) for n, v in per_round.items()}
+        ratios = {n: np.array(per_round[n]) / np.array(per_round["labels"]) for n in names}
+        print(f"{args.student}, quick sampler, {args.precision}, seconds per step (median of "
+              f"{r + 1} round(s) of {args.steps - 1} timed steps):")
+        for n in names:
+            print(f"  {n:7s} {med[n]:.3f} s/step  {np.median(ratios[n]):.2f}x labels-only "
+                  f"(rounds {ratios[n].min():.2f}-{ratios[n].max():.2f})")
+        print(json.dumps({"s_per_step": med,
+                          "ratio_to_labels": {n: float(np.median(v)) for n, v in ratios.items()},
+                          "build_ms_per_image_view": 1e3 * build_s / n_views,
+                          "bytes_per_image_view": tc.bytes_per_view(spec.top_k)}), flush=True)
 
 
 def accuracy(args) -> None:

@@ -211,7 +211,12 @@ def build(path, source: Source, teacher, spec: ViewSpec, *, teacher_weights=None
         have = json.loads(mpath.read_text())
         have.pop("complete", None)
         previous_rate = have.pop("build_s_per_view", None)
-        if have != want:
+        # the precision the teacher ran in is recorded, not checked: a later stage running in
+        # float32 reads a cache that the distill stage built in bfloat16
+        have_precision = have.pop("precision", None)
+        if have == {k: v for k, v in want.items() if k != "precision"}:
+            want["precision"] = have_precision
+        else:
             previous_rate = None
             if verbose:
                 print(f"[teacher cache] {path} was built for other settings: rebuilt", flush=True)

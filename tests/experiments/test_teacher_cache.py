@@ -78,7 +78,9 @@ def test_build_records_every_view_and_resumes_byte_identical(source, built):
     def no_teacher():
         raise AssertionError("a complete cache must not load the teacher")
 
-    tc.build(path, source, no_teacher, SPEC, images_per_shard=5, batch_size=4, verbose=False)
+    # nor a stage running in another precision (the prune stage's float32 after a bf16 distill)
+    tc.build(path, source, no_teacher, SPEC, images_per_shard=5, batch_size=4,
+             precision="mixed_bfloat16", verbose=False)
 
 
 def test_other_settings_rebuild_the_cache(source, built, tmp_path):

@@ -66,7 +66,8 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         temperature=2.0,
         # Also train a labels-only student at the same steps, data and seed: report.md opens
         # with the distillation gain over it (paired, on the same validation images). On in
-        # smoke and quick, where the teacher cache pays for it; off in full (a second full run).
+        # smoke and quick (the teacher cache pays for about a fifth of it there, README); off in
+        # full (a second full-length run).
         baseline=smoke or quick,
         # The teacher's outputs computed once (experiments/data/teacher_cache.py): `views`
         # augmented views of every training image with the teacher's `top_k` logits, stored in

@@ -47,6 +47,7 @@ import time
 
 import numpy as np
 
+from experiments.data.augment import sample_crop_box
 from experiments.data.sampler import M32, mix32
 from experiments.data.sources import AUTOTUNE, Source
 from experiments.workdir import write_json
@@ -92,10 +93,7 @@ def view_params(image, index, spec: ViewSpec):
     for v in range(spec.views):
         k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(
             tf.random.experimental.stateless_fold_in(key, v), 2))
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=k_crop,
-            min_object_covered=0.0, aspect_ratio_range=list(spec.ratio),
-            area_range=list(spec.scale), max_attempts=10, use_image_if_no_bounding_boxes=True)
+        begin, size = sample_crop_box(tf.shape(image), k_crop, spec.scale, spec.ratio)
         boxes.append(tf.concat([begin[:2], size[:2]], 0))
         flips.append(tf.logical_and(spec.hflip, tf.random.stateless_uniform([], k_flip) < 0.5))
     return tf.stack(boxes), tf.stack(flips)
@@ -127,7 +125,7 @@ def source_fingerprint(source: Source) -> str:
 
 class TeacherCache:
     """A complete cache loaded into memory (`load`), read by `experiments.data.train_dataset`
-    through `tables()` and `lookup()`."""
+    through `view_of()` (which view an example shows) and `lookup()` (that view's record)."""
 
     def __init__(self, path, manifest: dict, records: np.ndarray):
         self.path = pathlib.Path(path)

@@ -1,12 +1,16 @@
 """The stages of `experiments.pipeline`, each reading the previous stage's folder.
 
 teacher  -> teacher/   a ViT trained from labels, loaded from a folder, or a Google .npz fine-tuned
-distill  -> distill/   the student trained from the frozen teacher (+ a labels-only baseline)
+distill  -> distill/   the student trained from the frozen teacher (+ a labels-only baseline in
+                       distill/baseline/; the teacher's outputs cached in distill/teacher_cache/)
 prune    -> prune/     magnitude pruning while the teacher keeps teaching; stored stripped
 qat      -> qat/       quantization-aware fine-tuning (sparsity preserved) with the teacher
 export   -> export/    <model>.<stage>.<format>.tflite, audited (ops, partitions, parity)
 benchmark-> results.csv  latency, accuracy and agreement of every file
 report   -> report.md, *.png, tb/hparams
+
+Every training stage also saves `val_predictions.npy` (its predicted class per validation
+image), which the report pairs to measure the distillation gain (experiments/summary.py).
 """
 
 from __future__ import annotations

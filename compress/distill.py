@@ -23,7 +23,12 @@ Differences from the reference:
     the label loss and the two losses are averaged (DeiT trains only the class head then).
 
 `Distiller` feeds the teacher the student's augmented batch resized (bilinear) to the teacher's
-input size, in inference mode; only the student's variables are trained. It is never saved: the
+input size, in inference mode; only the student's variables are trained. With
+`teacher_from_data=True` there is no teacher model: each batch carries the teacher's top-k logits
+on the same crop, precomputed (`experiments.data.teacher_cache`), as `(images, labels,
+(values, indices))`; `logits_from_topk` rebuilds full logits from them (exact when k is the
+number of classes; otherwise the missing classes get -1e4, so the student matches the teacher's
+softmax renormalised over its top k). It is never saved: the
 student is saved on its own. Losses are summed per replica and divided by the global batch, so
 gradients summed across replicas by the optimizer are those of the global mean (variable batch
 sizes included, as long as each global batch splits evenly over the replicas).
@@ -66,6 +71,14 @@ def kd_loss(student_logits, teacher_logits, *, kind: str, temperature: float = 1
     log_p_s = tf.nn.log_softmax(s / temperature, axis=-1)
     kl = tf.reduce_sum(tf.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
     return kl * (temperature**2)
+
+
+def logits_from_topk(values, indices, num_classes: int, *, fill: float = -1e4):
+    """Full logits [B, C] from the top-k logits `values` [B, k] at class `indices` [B, k];
+    classes outside the top k get `fill` (probability 0 at any temperature)."""
+    onehot = tf.one_hot(tf.cast(indices, tf.int32), num_classes, dtype=tf.float32)  # [B, k, C]
+    logits = tf.einsum("bk,bkc->bc", tf.cast(values, tf.float32), onehot)
+    return logits + (1.0 - tf.reduce_sum(onehot, axis=1)) * fill
 
 
 def distillation_loss(labels, class_logits, distill_logits=None, teacher_logits=None, *,
@@ -131,6 +144,8 @@ class Distiller(keras.Model):
       label_smoothing: smoothing of the label cross-entropy.
       teacher_size: square input size the teacher sees; None: the teacher's static input size,
         or the student's batch unchanged when the teacher takes any size.
+      teacher_from_data: no teacher model; the batches carry the teacher's top-k logits
+        (module docstring).
 
     Metrics: loss, label_loss, kd_loss, accuracy (epoch means, shown on the progress bar). Each
     train step also returns `step_loss`, `step_label_loss`, `step_kd_loss`, `step_accuracy`
@@ -142,13 +157,16 @@ class Distiller(keras.Model):
 
     def __init__(self, student: keras.Model, teacher: keras.Model | None = None, *,
                  kind: str = "none", alpha: float = 0.5, temperature: float = 1.0,
-                 label_smoothing: float = 0.0, teacher_size: int | None = None, **kwargs):
+                 label_smoothing: float = 0.0, teacher_size: int | None = None,
+                 teacher_from_data: bool = False, **kwargs):
         kwargs.setdefault("name", "distiller")
         super().__init__(**kwargs)
         if kind not in KINDS:
             raise ValueError(f"distillation kind must be one of {KINDS}, got {kind!r}")
-        if kind != "none" and teacher is None:
-            raise ValueError(f"distillation kind {kind!r} needs a teacher")
+        if teacher is not None and teacher_from_data:
+            raise ValueError("give a teacher model or teacher_from_data, not both")
+        if kind != "none" and teacher is None and not teacher_from_data:
+            raise ValueError(f"distillation kind {kind!r} needs a teacher (or teacher_from_data)")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if temperature <= 0:
@@ -168,6 +186,7 @@ class Distiller(keras.Model):
         self.temperature = float(temperature)
         self.label_smoothing = float(label_smoothing)
         self.teacher_size = teacher_size
+        self.teacher_from_data = bool(teacher_from_data) and kind != "none"
         # Per-replica values returned by train_step are summed across replicas (see class doc).
         self.distribute_reduction_method = "sum"
         self.loss_tracker = keras.metrics.Mean("loss")
@@ -207,9 +226,14 @@ class Distiller(keras.Model):
         local_batch = tf.shape(images)[0]
         global_batch = tf.cast(local_batch * replicas, tf.float32)
         t_logits = self.teacher_logits(images) if self.teacher is not None else None
+        if self.teacher_from_data and len(data) < 3:
+            raise ValueError("teacher_from_data: batches must be (images, labels, (values, "
+                             "indices)), as a teacher cache's training stream gives")
         with tf.GradientTape() as tape:
             outputs = self.student(images, training=True)
             cls, dist = _split_heads(outputs)
+            if self.teacher_from_data:
+                t_logits = logits_from_topk(*data[2], num_classes=cls.shape[-1])
             total, lab, kd = distillation_loss(
                 labels, cls, dist, t_logits, kind=self.kind, alpha=self.alpha,
                 temperature=self.temperature, label_smoothing=self.label_smoothing)

@@ -68,9 +68,17 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         kind="soft",  # compress.distill.KINDS: soft | hard | none
         alpha=0.5,
         temperature=2.0,
-        # Also train a labels-only student at the same budget, for comparison. Off in `quick`: it
-        # doubles the distill stage (~45 min on 2 cores) and the preset must fit two hours.
-        baseline=False,
+        # Also train a labels-only student at the same steps, data and seed: report.md opens
+        # with the distillation gain over it (paired, on the same validation images). On in
+        # smoke and quick (the teacher cache pays for about a fifth of it there, README); off in
+        # full (a second full-length run).
+        baseline=smoke or quick,
+        # The teacher's outputs computed once (experiments/data/teacher_cache.py): `views`
+        # augmented views of every training image with the teacher's `top_k` logits, stored in
+        # distill/teacher_cache/ and reused by prune and QAT; 0 = run the teacher on every
+        # batch. Off in full: its RandAugment cannot be cached consistently.
+        teacher_cache=dict(views=2 if smoke else (8 if quick else 0), top_k=10,
+                           images_per_shard=1024, batch_size=128),
         checkpoint_every=10 if smoke else 200,
         eval_every=0,
         sampler=sampler,
@@ -187,6 +195,10 @@ def _rules(c, size_divisor: int, teacher_divisor: int):
              ("prune.begin_frac", *_real(0, 1, hi_open=True)),
              ("prune.end_frac", *_real(c.prune.begin_frac, 1, lo_open=True, lo_name="begin_frac")),
              ("prune.frequency", *_int(1)),
+             ("distill.teacher_cache.views", *_int(0)),
+             ("distill.teacher_cache.top_k", *_int(1)),
+             ("distill.teacher_cache.images_per_shard", *_int(1)),
+             ("distill.teacher_cache.batch_size", *_int(1)),
              ("prune.keep", *_real(0, 1, lo_open=True)),
              ("prune.min_width", *_real(0, 1, lo_open=True)),
              ("prune.score_batches", *_int(1)), ("prune.target_ms", *_real(0, None)),

@@ -167,6 +167,11 @@ def validate_flags() -> None:
             _fail(problem)
     if c.prune.method == "structured":
         _validate_structured(c, info)
+    tc = c.distill.teacher_cache
+    if tc.views and (c.data.randaugment or c.data.mixup or c.data.cutmix):
+        _fail("--config.distill.teacher_cache.views: the teacher cache cannot be combined with "
+              "data.randaugment, data.mixup or data.cutmix (the teacher scored unmodified views); "
+              "turn those off or set --config.distill.teacher_cache.views=0")
     if c.export.float_layers:  # globs of student layer names: check them before any training
         from compress.tflite.fast_int8 import layers_matching
 

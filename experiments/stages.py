@@ -2,12 +2,16 @@
 
 teacher  -> teacher/   a ViT trained from labels, loaded from a folder, or a checkpoint fine-tuned
                        (timm .pth/.safetensors, Hugging Face folder, Google .npz)
-distill  -> distill/   the student trained from the frozen teacher (+ a labels-only baseline)
+distill  -> distill/   the student trained from the frozen teacher (+ a labels-only baseline in
+                       distill/baseline/; the teacher's outputs cached in distill/teacher_cache/)
 prune    -> prune/     magnitude pruning while the teacher keeps teaching; stored stripped
 qat      -> qat/       quantization-aware fine-tuning (sparsity preserved) with the teacher
 export   -> export/    <model>.<stage>.<format>.tflite, audited (ops, partitions, parity)
 benchmark-> results.csv  latency, accuracy and agreement of every file
 report   -> report.md, *.png, tb/hparams
+
+Every training stage also saves `val_predictions.npy` (its predicted class per validation
+image), which the report pairs to measure the distillation gain (experiments/summary.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
+import time
 
 import numpy as np
 from absl import logging
@@ -99,7 +104,7 @@ class Run:
                                  base_size=s.base_size, base_batch=s.base_batch,
                                  seed=self.cfg.seed, num_replicas=self.replicas)
 
-    def _train_ds_factory(self, sampler):
+    def _train_ds_factory(self, sampler, teacher_cache=None):
         from experiments import data as input_data
 
         d = self.cfg.data
@@ -110,7 +115,7 @@ class Run:
         def make(start_step: int):
             return input_data.train_dataset(self.train_src, sampler, start_step=start_step,
                                             augment=augment, seed=self.cfg.seed,
-                                            crop_pct=d.crop_pct)
+                                            crop_pct=d.crop_pct, teacher_cache=teacher_cache)
 
         return make
 
@@ -143,8 +148,9 @@ class Run:
                     mixed_precision=self.policy)
 
     def _fit(self, stage: StageDir, model_fn, sampler, section, *, tb_name, eval_size,
-             callbacks_fn=None):
-        """Train `model_fn()` (built inside the strategy scope) and evaluate at `eval_size`."""
+             callbacks_fn=None, teacher_cache=None):
+        """Train `model_fn()` (built inside the strategy scope), then evaluate it at `eval_size`
+        on the validation split, saving its per-image predictions in the stage folder."""
         from compress import training
 
         # The same seed gives the same initial weights and dropout draws (paired students:
@@ -153,11 +159,42 @@ class Run:
         with self.strategy.scope():
             model = model_fn()
         callbacks = callbacks_fn() if callbacks_fn else []
-        return model, training.train(
-            model, self._train_ds_factory(sampler), workdir=str(stage.path),
-            logdir=str(self.tb / tb_name), val_ds=self._val_ds(eval_size),
-            strategy=self.strategy, callbacks=callbacks,
+        metrics = training.train(
+            model, self._train_ds_factory(sampler, teacher_cache), workdir=str(stage.path),
+            logdir=str(self.tb / tb_name), strategy=self.strategy, callbacks=callbacks,
             checkpoint_every=section.checkpoint_every, **self._optim_kwargs(section))
+        metrics.update(self._evaluate_and_save(stage.path, model, eval_size,
+                                               label_smoothing=section.label_smoothing,
+                                               logdir=self.tb / tb_name, step=metrics["step"]))
+        if metrics["step"] > metrics["start_step"]:
+            metrics["s_per_step"] = metrics["wall_s"] / (metrics["step"] - metrics["start_step"])
+        return model, metrics
+
+    def _evaluate_and_save(self, folder, model, size, *, label_smoothing=0.0, logdir=None,
+                           step=0) -> dict:
+        """Top-1 and label loss (smoothed as in training) of `model` (a Distiller or a plain
+        model) on the whole validation split; its per-image predictions go to
+        `folder/val_predictions.npy` for the paired gain (experiments.summary), and `val/top1`,
+        `val/loss` to TensorBoard under `logdir`."""
+        from compress.distill import label_loss
+        from experiments.summary import save_predictions
+        from models.compat import tf
+
+        preds, losses, labels = [], [], []
+        for images, y in self._val_ds(size):
+            logits = tf.cast(model(images, training=False), tf.float32)
+            preds.append(np.argmax(logits.numpy(), -1))
+            losses.append(label_loss(y, logits, label_smoothing=label_smoothing).numpy())
+            labels.append(y.numpy())
+        preds, labels = np.concatenate(preds), np.concatenate(labels)
+        save_predictions(folder, preds)
+        out = {"val_top1": float((preds == labels).mean()),
+               "val_loss": float(np.concatenate(losses).mean())}
+        if logdir is not None:
+            with tf.summary.create_file_writer(str(logdir)).as_default(step=step):
+                tf.summary.scalar("val/top1", out["val_top1"])
+                tf.summary.scalar("val/loss", out["val_loss"])
+        return out
 
     # ---------------------------------------------------------------------------------- stages
     def stage_teacher(self, stage: StageDir) -> None:
@@ -172,8 +209,8 @@ class Run:
             atomic_copy(src.weights, stage.weights)
             stage.save_model_json(**spec)
             teacher, size = self.load_teacher_from(stage)
-            top1 = self._evaluate_keras(teacher, size)
-            stage.finish({"val_top1": top1, "source": arg, "trained_steps": 0})
+            m = self._evaluate_and_save(stage.path, teacher, size)
+            stage.finish({**m, "source": arg, "trained_steps": 0})
             return
         from models import vit_checkpoints
 
@@ -196,40 +233,76 @@ class Run:
         stage.save_model_json(**spec, num_classes=self.num_classes, input_size=size, source=source)
         stage.finish(metrics)
 
-    def load_teacher_from(self, stage):
-        """The frozen teacher saved in `stage` and the input size it was trained at."""
+    def load_teacher_from(self, stage, *, build=True):
+        """The frozen teacher saved in `stage` and the input size it was trained at (`build=False`:
+        None and the size)."""
         from models import vit_checkpoints
 
         spec = stage.model_json()
+        size = spec.get("input_size", models.get_model_info(spec["name"]).default_size)
+        if not build:
+            return None, size
         teacher = vit_checkpoints.build_model(spec, num_classes=spec["num_classes"])
         teacher.load_weights(str(stage.weights))
         teacher.trainable = False
-        if "input_size" in spec:
-            return teacher, spec["input_size"]
-        return teacher, models.get_model_info(spec["name"]).default_size
+        return teacher, size
 
-    def _evaluate_keras(self, model, size) -> float:
-        correct = total = 0
-        for images, labels in self._val_ds(size):
-            pred = np.argmax(model(images, training=False).numpy(), -1)
-            correct += int((pred == labels.numpy()).sum())
-            total += len(pred)
-        return correct / max(total, 1)
+    def teacher_cache(self):
+        """The teacher's outputs on `distill.teacher_cache.views` recorded views of every
+        training image (experiments.data.teacher_cache), built on first use (resuming a partial
+        build) under distill/teacher_cache/ and shared by the distill, prune and QAT stages;
+        None when `views` is 0 (the teacher then runs online in every step)."""
+        c = self.cfg.distill.teacher_cache
+        if not c.views:
+            return None
+        if getattr(self, "_teacher_cache", None) is None:
+            from experiments.data import teacher_cache
+
+            size = self.load_teacher_from(self._require("teacher"), build=False)[1]
+            spec = teacher_cache.ViewSpec(
+                views=c.views, top_k=min(c.top_k, self.num_classes),
+                scale=(self.cfg.data.scale_min, 1.0), teacher_size=size, seed=self.cfg.seed)
+            t0 = time.perf_counter()
+            self._teacher_cache = teacher_cache.build(
+                self.workdir / "distill" / "teacher_cache", self.train_src,
+                lambda: self.load_teacher()[0], spec,
+                teacher_weights=self._require("teacher").weights,
+                images_per_shard=c.images_per_shard, batch_size=c.batch_size,
+                precision=self.policy)
+            self._teacher_cache_s = time.perf_counter() - t0
+            keras.backend.clear_session()  # the teacher is not needed any more
+        return self._teacher_cache
 
     def _student_fit(self, stage, section, *, kind, alpha, student_fn, tb_name, callbacks_fn=None):
-        """Train a student with `section`'s optimiser, sampler and temperature."""
+        """Train a student with `section`'s optimiser, sampler and temperature; the teacher's
+        outputs come from the teacher cache when there is one, else from the teacher run on
+        every batch."""
         from compress.distill import Distiller
 
-        teacher, teacher_size = self.load_teacher() if kind != "none" else (None, None)
+        cache = self.teacher_cache() if kind != "none" else None
+        use_teacher = kind != "none" and cache is None
+        teacher, teacher_size = self.load_teacher() if use_teacher else (None, None)
 
         def build():
             return Distiller(student_fn(), teacher, kind=kind, alpha=alpha,
                              temperature=section.temperature, teacher_size=teacher_size,
-                             label_smoothing=section.label_smoothing)
+                             label_smoothing=section.label_smoothing,
+                             teacher_from_data=cache is not None)
 
         sampler = self._sampler(section)
-        return self._fit(stage, build, sampler, section, tb_name=tb_name,
-                         eval_size=self.export_size, callbacks_fn=callbacks_fn)
+        model, metrics = self._fit(stage, build, sampler, section, tb_name=tb_name,
+                                   eval_size=self.export_size, callbacks_fn=callbacks_fn,
+                                   teacher_cache=cache)
+        if cache is not None:
+            m = cache.manifest
+            metrics["teacher_cache"] = {
+                "views": m["views"], "top_k": m["top_k"], "path": str(cache.path),
+                "bytes": int(cache.records.nbytes),
+                "bytes_per_image_view": int(cache.records.itemsize // m["views"]),
+                "build_s_per_view": m.get("build_s_per_view"),
+                "build_s_this_stage": round(getattr(self, "_teacher_cache_s", 0.0), 1)}
+            self._teacher_cache_s = 0.0  # counted once, by the stage that built it
+        return model, metrics
 
     def stage_distill(self, stage: StageDir) -> None:
         d = self.cfg.distill
@@ -483,14 +556,31 @@ class Run:
             reference_predictions=lambda path: stage_facts(manifest[rel(path)]["stage"])[0])
         stage.finish({"files": len(manifest)})
 
+    def distillation_gain(self) -> dict:
+        """Teacher, labels-only and distilled top-1 and the paired gain (experiments.summary)."""
+        from experiments import summary
+
+        return summary.distillation_gain(self.workdir, self.val_src.labels,
+                                         kind=self.cfg.distill.kind)
+
     def stage_report(self, stage: StageDir) -> None:
+        from compress.results import table
         from compress.results.hparams import write_hparams
         from compress.results.report import write_report
+        from experiments import summary
 
         stage.begin({})
         report = write_report(str(self.workdir), title=f"{self.student} from "
                               f"{self.teacher_arg} ({self.cfg.preset} preset)")
-        write_hparams(str(self.workdir))
+        gain = self.distillation_gain()
+        summary.insert_after_title(report, [gain["line"]])
+        rows = table.read_results(str(self.workdir))
+        for r in rows:  # the run's training figures, appended columns (CONTRACT: more may follow)
+            r.update(teacher_top1=gain["teacher_top1"], baseline_top1=gain["baseline_top1"])
+        table.write_results(str(self.workdir), rows, merge=False)
+        write_hparams(str(self.workdir), [
+            *({**r, "distill.kind": self.cfg.distill.kind} for r in rows),  # each file's student
+            *summary.student_trials(gain, model=self.student, input_size=self.export_size)])
         lines = ["", "## Training stages (Keras, validation split)", "",
                  "| stage | val top-1 | steps | minutes | note |", "|---|---|---|---|---|"]
         for name in ("teacher", "distill", "prune", "qat"):
@@ -499,7 +589,9 @@ class Run:
                 continue
             note = {"teacher": f"{self.teacher_arg}",
                     "distill": f"{self.cfg.distill.kind} KD, alpha {self.cfg.distill.alpha}, "
-                               f"T {self.cfg.distill.temperature}",
+                               f"T {self.cfg.distill.temperature}" + (
+                                   f", teacher cache of {m['teacher_cache']['views']} views"
+                                   if m.get("teacher_cache") else ""),
                     "prune": f"sparsity {m.get('sparsity', float('nan')):.3f}",
                     "qat": "fake-quant model"}[name]
             minutes = f"{m['wall_s'] / 60:.1f}" if m.get("wall_s") else ""

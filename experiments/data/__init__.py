@@ -5,6 +5,8 @@ augmentation, and the tf.data streams built from them.
     sampler.py   `MultiScaleSampler`: (size, batch) per step, a pure function of (seed, step)
     augment.py   `Augment` and the crop / flip / RandAugment / Mixup-CutMix ops
     datasets.py  `train_dataset`, `eval_dataset`, `representative_images`
+    teacher_cache.py  the teacher's top-k logits on recorded views, built once (`build`) and
+                 read by `train_dataset(teacher_cache=...)`
 """
 
 from experiments.data.augment import Augment

@@ -51,11 +51,17 @@ class Augment:
         return dataclasses.asdict(self)
 
 
-def random_resized_crop(image, size, key, scale, ratio):
+def sample_crop_box(shape, key, scale, ratio):
+    """An Inception crop of an image of `shape` [H, W, C]: (begin [y0, x0, 0], size [h, w, -1])."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=key,
+        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=key,
         min_object_covered=0.0, aspect_ratio_range=list(ratio), area_range=list(scale),
         max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return begin, crop_size
+
+
+def random_resized_crop(image, size, key, scale, ratio):
+    begin, crop_size = sample_crop_box(tf.shape(image), key, scale, ratio)
     crop = tf.slice(image, begin, crop_size)
     return tf.image.resize(crop, tf.stack([size, size]), method="bilinear")  # float32 0..255
 

@@ -15,6 +15,7 @@ import numpy as np
 from experiments.data.augment import Augment, centre_crop, mix_batch, rand_augment, random_resized_crop
 from experiments.data.sampler import M32, MultiScaleSampler, mix32
 from experiments.data.sources import AUTOTUNE, Source
+from experiments.data.teacher_cache import TeacherCache, crop_view
 from models.compat import tf
 
 
@@ -25,7 +26,8 @@ def _seed_pair(seed: int, salt: int):
 
 def train_dataset(source: Source, sampler: MultiScaleSampler, *, start_step: int = 0,
                   augment: Augment | None = Augment(), seed: int = 0,
-                  crop_pct: float = 0.875) -> tf.data.Dataset:
+                  crop_pct: float = 0.875,
+                  teacher_cache: TeacherCache | None = None) -> tf.data.Dataset:
     """Infinite stream of batches `(images float32 [b, s, s, 3] in [0, 1], labels)`.
 
     `(s, b) = sampler.plan(step)` for step = start_step, start_step + 1, ...; labels are int32
@@ -36,7 +38,19 @@ def train_dataset(source: Source, sampler: MultiScaleSampler, *, start_step: int
     per-epoch permutations of `seed`, and each image's crop/flip/RandAugment draws depend only
     on (seed, step, position in batch), so the stream from `start_step=s` equals the tail of the
     stream from 0, whatever the parallelism.
+
+    `teacher_cache` (`experiments.data.teacher_cache`): each example shows one of its recorded
+    views instead of a fresh random crop (the one `TeacherCache.view_of` assigns to its epoch),
+    at the step's size, and batches are `(images, labels, (teacher_values float32 [b, k],
+    teacher_indices int32 [b, k]))`, the teacher's top-k logits on exactly that crop. `augment`
+    then plays no part in the geometry; RandAugment and Mixup/CutMix are refused (they would
+    change the image the teacher scored).
     """
+    if teacher_cache is not None:
+        teacher_cache.check_source(source)
+        if augment is not None and (augment.randaugment > 0 or augment.mixes):
+            raise ValueError("a teacher cache cannot be combined with RandAugment or "
+                             "Mixup/CutMix (the teacher scored the unmodified views)")
     n = source.num_examples
     if n == 0:
         raise ValueError(f"{source!r} has no examples")
@@ -60,13 +74,20 @@ def train_dataset(source: Source, sampler: MultiScaleSampler, *, start_step: int
                           fn_output_signature=tf.TensorSpec([n], tf.int32))
         pos = tf.range(b)
         index = tf.gather(tf.reshape(perms, [-1]), offset - e_lo * n + pos)
-        return tf.fill([b], step), tf.fill([b], k), pos, index
+        epoch = (offset + tf.cast(pos, tf.int64)) // n
+        return tf.fill([b], step), tf.fill([b], k), pos, index, epoch
 
-    def load(step, k, pos, index):
+    def load(step, k, pos, index, epoch):
         image, label = source.decode(index)
         size = sizes[k]
         key = tf.random.experimental.stateless_fold_in(
             tf.random.experimental.stateless_fold_in(aug_seed, step), pos)
+        if teacher_cache is not None:
+            box, flip, values, indices = teacher_cache.lookup(
+                index, teacher_cache.view_of(index, epoch))
+            image = crop_view(image, box, flip, size)
+            image.set_shape([None, None, 3])
+            return step, k, image, label, (values, indices)
         if augment is None:
             image = centre_crop(image, size, crop_pct) / 255.0
         else:
@@ -88,11 +109,13 @@ def train_dataset(source: Source, sampler: MultiScaleSampler, *, start_step: int
     # The b examples of a step are consecutive and share the scale index k, so each window of
     # key k fills exactly at the step's last example: batches come out whole and in step order.
     ds = ds.group_by_window(
-        key_func=lambda step, k, image, label: k,
+        key_func=lambda step, k, *example: k,
         reduce_func=lambda k, window: window.batch(batches[k]),
         window_size_func=lambda k: batches[k])
 
-    def finish(step, k, images, labels):
+    def finish(step, k, images, labels, *teacher):
+        if teacher:
+            return images, labels, teacher[0]
         if augment is not None and augment.mixes:
             key = tf.random.experimental.stateless_fold_in(mix_seed, step[0])
             return mix_batch(images, labels, key, augment, source.num_classes)

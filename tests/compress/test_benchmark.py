@@ -642,3 +642,29 @@ def test_bench_tflite_compares_each_file_with_its_keras_model(bench_script, tiny
 
 def tiny_registered_model():
     return _tiny_conv(size=24, classes=10)
+
+
+def test_hparams_student_trials_carry_distill_kind_and_gain(rows, tmp_path):
+    """One extra trial per Keras student (experiments.summary.student_trials): distill.kind is
+    a hyperparameter, the teacher / baseline top-1 and the gain are metrics."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorflow.core.util import event_pb2
+
+    student = {"model": "tiny", "stage": "distill", "format": "keras", "input_size": 32,
+               "distill.kind": "soft", "top1": 0.7, "teacher_top1": 0.8, "baseline_top1": 0.6,
+               "gain": 0.1, "gain_low": 0.05, "gain_high": 0.15}
+    logdir = res.write_hparams(str(tmp_path / "tb" / "hparams"), list(rows) + [student])
+    trials = sorted(d for d in os.listdir(logdir) if os.path.isdir(os.path.join(logdir, d)))
+    assert len(trials) == len(rows) + 1 and trials[-1].endswith(".tiny.distill.keras")
+    assert {"top1", "teacher_top1", "baseline_top1", "gain"} <= set(
+        _events(os.path.join(logdir, trials[-1])))
+    names = set()
+    for f in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+        for rec in tf.data.TFRecordDataset(f):
+            for v in event_pb2.Event.FromString(rec.numpy()).summary.value:
+                if v.tag == "_hparams_/experiment":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(
+                        v.metadata.plugin_data.content)
+                    names |= {h.name for h in data.experiment.hparam_infos}
+                    names |= {m.name.tag for m in data.experiment.metric_infos}
+    assert {"distill.kind", "teacher_top1", "gain_high", "stage"} <= names

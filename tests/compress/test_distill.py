@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from train_helpers import make_train_ds, tiny_convnet, tiny_vit
 
-from compress.distill import Distiller, distillation_loss, kd_loss, label_loss
+from compress.distill import Distiller, distillation_loss, kd_loss, label_loss, logits_from_topk
 from models.compat import keras, tf
 
 
@@ -178,3 +178,41 @@ def test_distiller_rejects_bad_arguments():
         Distiller(tiny_convnet(), kind="soft")
     with pytest.raises(ValueError, match="alpha"):
         Distiller(tiny_convnet(), tiny_convnet(name="t"), kind="soft", alpha=1.5)
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_cached_exact_logits_give_the_online_loss(kind):
+    """A batch carrying the teacher's logits on the same images (top-k with k = classes, as a
+    teacher cache stores them for Imagenette) trains exactly like the online teacher."""
+    keras.backend.clear_session()
+    teacher = tiny_vit(input_size=None, name="teacher")
+    x, y = _batch()
+    top = tf.math.top_k(teacher(x, training=False), k=5)
+    losses = []
+    for cached in (False, True):
+        keras.utils.set_random_seed(1)  # the same student both times
+        student = tiny_convnet(name="student")
+        d = Distiller(student, None if cached else teacher, kind=kind, alpha=0.4,
+                      temperature=2.0, teacher_from_data=cached)
+        d.compile(optimizer=keras.optimizers.SGD(0.0))
+        data = (x, y, (top.values, top.indices)) if cached else (x, y)
+        hist = d.fit(tf.data.Dataset.from_tensors(data), epochs=1, verbose=0)
+        losses.append([hist.history[k][0] for k in ("step_loss", "step_kd_loss")])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    assert losses[0][1] > 1e-3
+
+
+def test_logits_from_topk_renormalise_the_teacher_over_its_top_k(logits):
+    _, t = logits
+    top = tf.math.top_k(t, k=3)
+    full = logits_from_topk(top.values, top.indices, 10).numpy()
+    p = np.exp(np_log_softmax(full / 2.0))
+    keep = np.argsort(-t, -1)[:, :3]
+    want = np.exp(np_log_softmax(np.take_along_axis(t, keep, -1) / 2.0))
+    np.testing.assert_allclose(np.take_along_axis(p, keep, -1), want, rtol=1e-5)
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(full.argmax(-1), t.argmax(-1))
+    with pytest.raises(ValueError, match="batches must be"):
+        d = Distiller(tiny_convnet(), kind="soft", teacher_from_data=True)
+        d.compile(optimizer=keras.optimizers.SGD(0.0))
+        d.train_on_batch(*_batch())

@@ -91,6 +91,7 @@ CASES = [
     ("structured_out_of_reach", {"config.prune.method": "structured", "config.prune.keep": "0.1"}, r"--config.prune.keep=0.1 is out of reach for mobilevit_xxs: .* at least 0\.\d+ of its MACs", {}),
     ("structured_target_ms", {"config.prune.method": "structured", "config.prune.target_ms": "5.0"}, r"--config.prune.target_ms: a latency budget is not implemented yet", {}),
     ("prune_method", {"config.prune.method": "channels"}, r"--config.prune.method: 'channels' is not accepted; accepted: \('magnitude', 'structured'\)", {}),
+    ("cache_with_mixup", {"config.data.mixup": "0.8"}, r"teacher_cache.views: the teacher cache cannot be combined", {}),
     ("workdir_is_file", {"workdir": "{tmp}/random.bin"}, r"--workdir=.*random.bin: exists and is not a folder", {}),
     ("workdir_under_file", {"workdir": "{tmp}/random.bin/sub"}, r"--workdir=.*random.bin/sub: cannot create or write it \(Not a directory", {}),
     ("workdir_proc", {"workdir": "/proc/vit_compress_test/wd"}, r"--workdir=/proc/vit_compress_test/wd: cannot create or write it", {}),

@@ -22,12 +22,32 @@ def test_training_stages_leave_the_contract_files(smoke_run):
     assert 0.45 <= json.loads((workdir / "prune" / "metrics.json").read_text())["sparsity"] <= 0.55
 
 
+def test_teacher_cache_is_built_once_and_reused(smoke_run):
+    """The smoke preset distils from the teacher cache: built in the distill stage, reused by
+    prune and QAT; every student (the labels-only baseline too) saved its val predictions."""
+    workdir, _, _ = smoke_run
+    manifest = json.loads((workdir / "distill" / "teacher_cache" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["views"] == 2
+    for stage in ("distill", "prune", "qat"):
+        cache = json.loads((workdir / stage / "metrics.json").read_text())["teacher_cache"]
+        assert cache["views"] == 2 and cache["bytes_per_image_view"] == 4 * 10 + 9
+    assert json.loads((workdir / "distill" / "metrics.json").read_text())[
+        "teacher_cache"]["build_s_this_stage"] > 0
+    assert json.loads((workdir / "prune" / "metrics.json").read_text())[
+        "teacher_cache"]["build_s_this_stage"] < 5  # confirmed, not rebuilt
+    for folder in ("teacher", "distill", "distill/baseline", "prune", "qat"):
+        assert (workdir / folder / "val_predictions.npy").exists(), folder
+
+
 def test_results_csv_has_every_required_row_measured(smoke_run):
     workdir, _, _ = smoke_run
     with open(workdir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     header = list(rows[0])
     assert header[:4] == ["model", "stage", "format", "path"]
+    assert {"teacher_top1", "baseline_top1"} <= set(header)
+    assert all(0 <= float(r["teacher_top1"]) <= 1 and 0 <= float(r["baseline_top1"]) <= 1
+               for r in rows)
     one_thread = {(r["stage"], r["format"]) for r in rows
                   if r["threads"] == "1" and r["delegate"] == "xnnpack"}
     assert REQUIRED <= one_thread
@@ -53,7 +73,10 @@ def test_report_plots_and_tensorboard(smoke_run):
     report = (workdir / "report.md").read_text()
     for stage, fmt in REQUIRED:
         assert f"| mobilevit_xxs | {stage} | {fmt} |" in report
-    assert "| labels-only baseline |" not in report  # smoke trains no baseline
+    # the opening line: teacher, labels-only and distilled top-1 and the paired gain
+    assert report.split("\n")[2].startswith("**Distillation (soft):** teacher "), report[:500]
+    assert "labels-only" in report.split("\n")[2] and "95% CI" in report.split("\n")[2]
+    assert "| labels-only baseline |" in report
     assert "| distill |" in report.split("## Training stages")[1]
     for png in ("top1_vs_latency.png", "latency_vs_macs.png", "size_vs_top1.png"):
         assert (workdir / png).stat().st_size > 1000

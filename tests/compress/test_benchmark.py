@@ -653,7 +653,7 @@ def test_hparams_student_trials_carry_distill_kind_and_gain(rows, tmp_path):
     student = {"model": "tiny", "stage": "distill", "format": "keras", "input_size": 32,
                "distill.kind": "soft", "top1": 0.7, "teacher_top1": 0.8, "baseline_top1": 0.6,
                "gain": 0.1, "gain_low": 0.05, "gain_high": 0.15}
-    logdir = res.write_hparams(str(tmp_path / "tb" / "hparams"), list(rows) + [student])
+    logdir = hparams.write_hparams(str(tmp_path / "tb" / "hparams"), list(rows) + [student])
     trials = sorted(d for d in os.listdir(logdir) if os.path.isdir(os.path.join(logdir, d)))
     assert len(trials) == len(rows) + 1 and trials[-1].endswith(".tiny.distill.keras")
     assert {"top1", "teacher_top1", "baseline_top1", "gain"} <= set(

@@ -29,7 +29,7 @@ def glance_lines(rows: Sequence[dict]) -> list[str]:
         if r.get("stage") == "distill" and r.get("format") == "fp32":
             ref[(r.get("workdir"), r.get("model"))] = r
     head = ["model", "stage", "format", "top-1", "Δ top-1 (pts)", "p50 ms", "speed-up",
-            "size KiB", "sparsity", "partitions", "float heavy ops"]  # fmt: skip
+            "MMACs", "size KiB", "sparsity", "partitions", "float heavy ops"]  # fmt: skip
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {"distill": 0, "prune": 1, "qat": 2}
     for r in sorted(points, key=lambda r: (str(r.get("workdir")), str(r.get("model")),
@@ -41,12 +41,18 @@ def glance_lines(rows: Sequence[dict]) -> list[str]:
             d_top1 = f"{100 * (top1 - num(base['top1'])):+.1f}"
         if base is not None and p50 and num(base.get("latency_p50_ms")):
             speed = f"{num(base['latency_p50_ms']) / p50:.2f}x"
-        size = num(r.get("size_bytes"))
+        size, macs = num(r.get("size_bytes")), num(r.get("macs"))
         sparsity = num(r.get("sparsity"))
+        timed = f"{p50:.2f}" if p50 else ""
+        if timed and r.get("delegate") == "xnnpack" and r.get("measured_delegate") == "none":
+            # e.g. magnitude pruning's int8_sparse file: not a deployment candidate
+            timed += " (XNNPACK refused the file: timed without it)"
+            speed = ""
         out.append("| " + " | ".join([
-            str(r.get("model", "")), str(r.get("stage", "")), str(r.get("format", "")),
+            str(r.get("model", "")), _stage_name(r), str(r.get("format", "")),
             f"{100 * top1:.1f}%" if top1 is not None else "", d_top1,
-            f"{p50:.2f}" if p50 else "", speed, f"{size / 1024:.0f}" if size else "",
+            timed, speed, f"{macs / 1e6:.0f}" if macs else "",
+            f"{size / 1024:.0f}" if size else "",
             f"{sparsity:.3f}" if sparsity is not None else "",
             _md_value(r.get("partitions"), "partitions"),
             _md_value(r.get("float_heavy_ops"), "float_heavy_ops"),
@@ -54,8 +60,18 @@ def glance_lines(rows: Sequence[dict]) -> list[str]:
     return out
 
 
+def _stage_name(row: dict) -> str:
+    """The stage, with the kept fraction of a structured prune (`prune(keep 0.70)`): the points
+    of a latency/accuracy front across keep levels tell themselves apart."""
+    stage, kept = str(row.get("stage")), num(row.get("kept_fraction"))
+    if row.get("prune_method") == "structured" and kept is not None:
+        return f"{stage}(keep {kept:.2f})"
+    return stage
+
+
 def _label(row: dict, with_workdir: bool) -> str:
-    label = f"{row.get('stage')}/{row.get('format')}"
+    macs = num(row.get("macs"))
+    label = f"{_stage_name(row)}/{row.get('format')}" + (f" {macs / 1e6:.0f}M MACs" if macs else "")
     if with_workdir and row.get("workdir"):
         label = f"{os.path.basename(os.path.normpath(str(row['workdir'])))}:{label}"
     return label

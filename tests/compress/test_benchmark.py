@@ -589,9 +589,31 @@ def test_glance_table_is_relative_to_the_distilled_fp32_file():
     assert [b[1:3] for b in body] == [["distill", "fp32"], ["prune", "fp32"], ["qat", "int8"]]
     distill, prune, qat = body
     assert distill[4:7] == ["+0.0", "10.00", "1.00x"]  # its 1-thread row, not the 2-thread one
-    assert qat[3:7] == ["79.3%", "-0.7", "4.00", "2.50x"] and qat[7] == "1"
-    assert prune[4] == "-2.0" and prune[8] == "0.500"
+    assert qat[3:7] == ["79.3%", "-0.7", "4.00", "2.50x"] and qat[8] == "1"
+    assert prune[4] == "-2.0" and prune[9] == "0.500"
     assert report.glance_lines([]) == []
+
+
+def test_glance_names_keep_levels_and_files_xnnpack_refused():
+    """A structured prune's rows say their kept fraction (points of the latency/accuracy front)
+    and MACs; a file XNNPACK refused (magnitude pruning's int8_sparse) is not given a speed-up as
+    if it were a deployment candidate."""
+    base = {"model": "m", "threads": 1, "delegate": "xnnpack", "top1": 0.8}
+    rows = [
+        {**base, "stage": "distill", "format": "int8", "path": "a", "latency_p50_ms": 4.0,
+         "macs": 400e6},
+        {**base, "stage": "distill", "format": "fp32", "path": "f", "latency_p50_ms": 8.0},
+        {**base, "stage": "prune", "format": "int8", "path": "b", "latency_p50_ms": 2.0,
+         "macs": 220e6, "prune_method": "structured", "kept_fraction": 0.55},
+        {**base, "stage": "qat", "format": "int8_sparse", "path": "c", "latency_p50_ms": 60.0,
+         "measured_delegate": "none"},
+    ]
+    body = {(b[1], b[2]): b for b in (line.split(" | ") for line in report.glance_lines(rows)[2:])}
+    pruned = body[("prune(keep 0.55)", "int8")]
+    assert pruned[5:8] == ["2.00", "4.00x", "220"]
+    sparse = body[("qat", "int8_sparse")]
+    assert sparse[5] == "60.00 (XNNPACK refused the file: timed without it)" and sparse[6] == ""
+    assert report._label(rows[2], False) == "prune(keep 0.55)/int8 220M MACs"
 
 
 def test_recalibrate_batchnorm_sets_the_statistics_of_the_images(bench_script):

@@ -214,7 +214,9 @@ class Distiller(keras.Model):
         self.label_loss_tracker.update_state(lab)
         self.kd_loss_tracker.update_state(kd)
         self.accuracy_tracker.update_state(correct)
-        logs = {m.name: m.result() for m in self.metrics}
+        # In replica context a tracker's result is this replica's mean; the 'sum' reduction
+        # adds them, so divide here (replicas see equal batches: the mean of means is the mean).
+        logs = {m.name: m.result() / replicas for m in self.metrics}
         logs.update(
             step_loss=tf.reduce_sum(total) / global_batch,
             step_label_loss=tf.reduce_sum(lab) / global_batch,

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable, Iterable
 
@@ -93,7 +95,12 @@ def _check_precision(student: keras.Model, policy: str | None) -> None:
             f"compress.training.set_mixed_precision({policy!r}) before building the models")
 
 
-def _is_chief(strategy) -> bool:
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run's files (checkpoints, TensorBoard, stage files).
+
+    One process: always. `MultiWorkerMirroredStrategy`: the 'chief' task, or worker 0 when the
+    cluster has no 'chief' job (TF's convention, as in its multi-worker tutorial).
+    """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
@@ -291,6 +298,21 @@ def _check_divisible(ds: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
     return ds.map(check)
 
 
+def _data_sharding() -> tf.data.Options:
+    """Multi-worker input sharding: `AutoShardPolicy.DATA`.
+
+    The training streams are generated (a step counter mapped to examples), not read from
+    per-worker files, so FILE sharding does not apply. Under DATA every worker runs the whole
+    stream and keeps its own slice of each global batch: the global batch, its images and
+    their order stay those of a one-process run (the cost: each worker decodes every image).
+    OFF would feed each worker the whole batch, multiplying the global batch by the workers.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return options
+
+
 def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.data.Dataset], *,
           steps: int, workdir: str, lr: float, weight_decay: float,
           val_ds: tf.data.Dataset | None = None, warmup_steps: int = 0, min_lr: float = 0.0,
@@ -333,7 +355,7 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
         raise ValueError(f"steps must be > 0, got {steps}")
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
-    chief = _is_chief(strategy)
+    chief = is_chief(strategy)
 
     with strategy.scope():
         if isinstance(model, Distiller):
@@ -355,18 +377,23 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
         ckpt = tf.train.Checkpoint(model=student, optimizer=optimizer, step=step_var)
 
     ckpt_dir = os.path.join(workdir, "ckpt")
-    if not chief:  # every worker must save (collectives), only the chief's copy is kept
-        ckpt_dir = os.path.join(ckpt_dir, f".worker{strategy.cluster_resolver.task_id}")
-    manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=max_to_keep)
+    # Every worker saves (saving distributed variables may need all of them), but only the chief
+    # into `ckpt`: the others write to a private temporary folder deleted at the end, and every
+    # worker restores from the chief's folder (TF's multi-worker pattern; `workdir` must be on
+    # storage that every host sees).
+    scratch = None if chief else tempfile.mkdtemp(prefix="ckpt-nonchief-")
+    manager = tf.train.CheckpointManager(ckpt, scratch or ckpt_dir,
+                                         max_to_keep=1 if scratch else max_to_keep)
+    latest = tf.train.latest_checkpoint(ckpt_dir)
     start = 0
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    if latest:
+        ckpt.restore(latest).assert_existing_objects_matched()
         start = int(step_var.numpy())
         if int(optimizer.iterations.numpy()) != start:
             raise RuntimeError(f"checkpoint step {start} != optimizer iterations "
                                f"{int(optimizer.iterations.numpy())}")
         if verbose and chief:
-            print(f"resumed from {manager.latest_checkpoint} at step {start}/{steps}", flush=True)
+            print(f"resumed from {latest} at step {start}/{steps}", flush=True)
     if start > steps:
         raise ValueError(f"the checkpoint is at step {start}, beyond steps={steps}")
 
@@ -388,6 +415,8 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
                 print(f"warning: train_ds is a dataset, not a factory: step {step} starts it "
                       "from its beginning", flush=True)
             ds = train_ds
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            ds = ds.with_options(_data_sharding())
         return _check_divisible(ds, replicas) if replicas > 1 else ds
 
     history = {}
@@ -407,6 +436,8 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
                                f"{steps}")
     finally:
         engine.close()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     metrics = {"step": engine.step, "start_step": start}
     if engine.val:

@@ -205,9 +205,9 @@ class Distiller(keras.Model):
             loss = tf.reduce_sum(total) / global_batch
             if self.student.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.student.losses))
-        variables = self.student.trainable_variables
-        grads = tape.gradient(loss, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        # minimize (not tape.gradient + apply_gradients): under mixed_float16 the optimizer is a
+        # LossScaleOptimizer, which scales the loss here and unscales the gradients.
+        self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
 
         correct = _correct(labels, _eval_logits(outputs))
         self.loss_tracker.update_state(total)

@@ -93,9 +93,11 @@ def validate_flags() -> None:
                              f"{info.size_divisor}, which {FLAGS.student} needs")
     from compress.distill import KINDS
     from compress.prune import SCHEDULES
+    from compress.training import PRECISIONS
 
     c = FLAGS.config
-    checks = {"distill.kind": (c.distill.kind, KINDS), "prune.kind": (c.prune.kind, KINDS),
+    checks = {"mixed_precision": (c.mixed_precision, PRECISIONS),
+              "distill.kind": (c.distill.kind, KINDS), "prune.kind": (c.prune.kind, KINDS),
               "qat.kind": (c.qat.kind, KINDS), "prune.schedule": (c.prune.schedule, SCHEDULES),
               "prune.m_by_n": (c.prune.m_by_n, ("", "2:4"))}
     for key, (value, accepted) in checks.items():

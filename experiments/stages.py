@@ -15,6 +15,7 @@ import glob
 import os
 import pathlib
 import shutil
+import tempfile
 
 import numpy as np
 from absl import logging
@@ -24,6 +25,7 @@ from experiments.workdir import StageDir, read_json, write_json
 from models.compat import keras
 
 EXPORT_STAGES = ("distill", "prune", "qat")
+TRAINING_STAGES = ("teacher", "distill", "prune", "qat")
 
 
 class Run:
@@ -50,10 +52,18 @@ class Run:
         self.num_classes = self.train_src.num_classes
         self.strategy = training.get_strategy(strategy)
         self.replicas = self.strategy.num_replicas_in_sync
+        # Multi-worker: every worker runs the training stages (collectives need all of them);
+        # only the chief writes files and runs export, benchmark and report.
+        self.chief = training.is_chief(self.strategy)
+        if not self.chief:
+            self.tb = pathlib.Path(tempfile.mkdtemp(prefix="tb-nonchief-"))  # pruning summaries
 
     # ---------------------------------------------------------------------------------------
     def run_stage(self, name: str) -> None:
-        stage = StageDir(self.workdir, name)
+        if not self.chief and name not in TRAINING_STAGES:
+            print(f"[{name}] left to the chief worker")
+            return
+        stage = StageDir(self.workdir, name, writes=self.chief)
         if self.overwrite and name in ("teacher", "distill", "prune", "qat", "export"):
             stage.reset()
         if stage.done and not self.overwrite:
@@ -65,8 +75,8 @@ class Run:
 
         # Mixed precision speeds up the long float trainings; pruning wrappers, QAT fake-quant,
         # export and measurement run in float32.
-        self.policy = self.cfg.mixed_precision if name in ("teacher", "distill") else "float32"
-        training.set_mixed_precision(self.policy)
+        self.policy = training.set_mixed_precision(  # 'auto' resolved per device type
+            self.cfg.mixed_precision if name in ("teacher", "distill") else "float32")
         getattr(self, f"stage_{name}")(stage)
 
     def _require(self, name: str) -> StageDir:
@@ -128,7 +138,7 @@ class Run:
         return dict(steps=section.steps, lr=section.lr, weight_decay=section.weight_decay,
                     warmup_steps=section.warmup_steps, min_lr=section.lr * section.min_lr_ratio,
                     label_smoothing=section.label_smoothing,
-                    mixed_precision=self.policy)
+                    mixed_precision=self.policy, jit_compile=self.cfg.jit_compile)
 
     def _fit(self, stage: StageDir, model_fn, sampler, section, *, tb_name, eval_size,
              callbacks_fn=None):
@@ -228,7 +238,7 @@ class Run:
         stage.begin({"student": self.student, **d.to_dict()})
         metrics = {}
         if d.baseline and d.kind != "none":
-            base = StageDir(stage.path, "baseline")
+            base = stage.child("baseline")
             if not base.done:
                 base.begin({"kind": "none"})
                 distiller, m = self._student_fit(base, d, kind="none", alpha=0.0,
@@ -276,7 +286,7 @@ class Run:
         stage.save_weights(stripped)
         stage.save_model_json(name=self.student, num_classes=self.num_classes, wrappers=["prune"],
                               prune=self._prune_kwargs())
-        write_json(stage.path / "sparsity.json", report)
+        stage.write_json("sparsity.json", report)
         overall = report.get("overall", {})
         stage.finish({**m, "sparsity": overall.get("sparsity") if isinstance(overall, dict) else overall})
 

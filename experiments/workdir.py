@@ -51,10 +51,16 @@ def read_json(path):
 
 
 class StageDir:
-    """One stage's folder: `config.json`, `model.json`, `weights.h5`, `metrics.json`, `DONE`."""
+    """One stage's folder: `config.json`, `model.json`, `weights.h5`, `metrics.json`, `DONE`.
 
-    def __init__(self, workdir, name: str):
+    `writes=False` is a non-chief worker's view of a multi-worker run: it reads the chief's
+    folder (DONE, checkpoints, earlier stages) and its writes do nothing, so the chief alone
+    writes the stage's files.
+    """
+
+    def __init__(self, workdir, name: str, *, writes: bool = True):
         self.name = name
+        self.writes = writes
         self.path = pathlib.Path(workdir) / name
         self.ckpt = self.path / "ckpt"
         self.weights = self.path / "weights.h5"
@@ -63,17 +69,25 @@ class StageDir:
     def done(self) -> bool:
         return (self.path / "DONE").exists()
 
+    def child(self, name: str) -> "StageDir":
+        """A stage folder inside this one (the distill stage's labels-only baseline)."""
+        return StageDir(self.path, name, writes=self.writes)
+
     def reset(self) -> None:
         """--overwrite: forget everything this stage computed."""
-        if self.path.exists():
+        if self.writes and self.path.exists():
             shutil.rmtree(self.path)
 
     def begin(self, config: dict) -> None:
+        if not self.writes:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / "config.json", config)
 
     def save_model_json(self, *, name: str, num_classes: int, overrides: dict | None = None,
                         wrappers: tuple = (), **extra) -> None:
+        if not self.writes:
+            return
         write_json(self.path / "model.json", {"name": name, "num_classes": num_classes,
                                               "overrides": overrides or {},
                                               "wrappers": list(wrappers), **extra})
@@ -82,6 +96,8 @@ class StageDir:
         return read_json(self.path / "model.json")
 
     def save_weights(self, model) -> None:
+        if not self.writes:
+            return
         tmp = self.path / f".weights.tmp{os.getpid()}.h5"
         model.save_weights(str(tmp))
         os.replace(tmp, self.weights)
@@ -90,6 +106,13 @@ class StageDir:
         path = self.path / "metrics.json"
         return read_json(path) if path.exists() else {}
 
+    def write_json(self, filename: str, obj) -> None:
+        """An extra JSON file of the stage (e.g. the prune stage's sparsity.json)."""
+        if self.writes:
+            write_json(self.path / filename, obj)
+
     def finish(self, metrics: dict) -> None:
+        if not self.writes:
+            return
         write_json(self.path / "metrics.json", {**metrics, "finished_at": time.time()})
         atomic_write_text(self.path / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))

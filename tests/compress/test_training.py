@@ -6,17 +6,18 @@ import math
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from train_helpers import SIZES, make_train_ds, make_val_ds, tiny_convnet, tiny_vit
+from train_helpers import (SIZES, local_cluster, make_train_ds, make_val_ds, tiny_convnet,
+                           tiny_vit)
 
 from compress.distill import Distiller
-from compress.training import WarmupCosine, get_strategy, make_optimizer, set_mixed_precision, train
+from compress.training import (WarmupCosine, auto_mixed_precision, get_strategy, make_optimizer,
+                               set_mixed_precision, train)
 from models.compat import keras, tf
 
 WORKER = pathlib.Path(__file__).with_name("train_worker.py")
@@ -238,28 +239,14 @@ def test_pruning_callback_reaches_sparsity_through_distiller(tmp_path):
 # MultiWorkerMirroredStrategy: two real worker processes on loopback ports
 
 
-def _free_ports(n):
-    """n ports free right now (bound to port 0, then released for the workers)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _start_workers(tmp_path, tag, workdir, init_h5, steps, every, sleep_s):
     """Start the two tasks of a 2-worker cluster (TF_CONFIG on loopback ports); each gets its own
     TMPDIR so that the test can see where the non-chief writes."""
-    ports = _free_ports(2)
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
     procs = []
-    for task in range(2):
+    for task, tf_config in enumerate(local_cluster(2)):
         tmp = tmp_path / f"tmp{task}"
         tmp.mkdir(exist_ok=True)
-        env = dict(os.environ, TMPDIR=str(tmp), TF_CONFIG=json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": task}}))
+        env = dict(os.environ, TMPDIR=str(tmp), TF_CONFIG=tf_config)
         log = open(tmp_path / f"{tag}{task}.log", "w")
         procs.append(subprocess.Popen(
             [sys.executable, str(WORKER), "multi_worker", str(workdir), str(init_h5), str(steps),
@@ -383,3 +370,74 @@ def test_multi_worker_kill_one_and_resume(tmp_path):
     assert [m["step"] for m in out] == [steps, steps]
     for task in range(2):
         _assert_weights_equal(tmp_path / f"second{task}.npz", want)
+
+
+def test_one_step_trace_for_all_resolutions_of_the_real_sampler(tmp_path, imagenette_dir,
+                                                                 monkeypatch):
+    """Accelerator readiness: the real multi-scale stream (None spatial dims in element_spec)
+    gives one trace of the train step for every resolution and every fit chunk, not one per
+    size or per batch (a retrace costs seconds on a CPU, tens of seconds under XLA)."""
+    from experiments import data as ip
+
+    monkeypatch.setenv("VIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = ip.load_source(str(imagenette_dir), "train", limit_per_class=2)
+    sampler = ip.MultiScaleSampler(min_size=32, max_size=64, n_scales=3, base_size=48,
+                                   base_batch=4, check_scale=16)
+    seen = set()
+
+    class Sizes(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.add(int(logs["resolution"]))
+
+    keras.backend.clear_session()
+    d = Distiller(tiny_convnet(num_classes=src.num_classes),
+                  tiny_vit(num_classes=src.num_classes, input_size=32), kind="soft")
+    steps = 30
+    train(d, lambda step: ip.train_dataset(src, sampler, start_step=step, augment=None),
+          steps=steps, workdir=str(tmp_path / "run"), lr=1e-3, weight_decay=0.0, eval_every=10,
+          callbacks=[Sizes()], verbose=False)
+    assert seen == set(sampler.sizes) and len(seen) == 3
+    assert d.train_function.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("devices,flags,want", [
+    ([{"device_type": "TPU"}], set(), "mixed_bfloat16"),
+    ([{"device_type": "GPU", "compute_capability": (9, 0)}], set(), "mixed_float16"),
+    ([{"device_type": "GPU", "compute_capability": (7, 0)}], set(), "mixed_float16"),
+    ([{"device_type": "GPU", "compute_capability": (6, 1)}], {"avx512_bf16"}, "float32"),
+    ([], {"avx512f", "avx512_bf16"}, "mixed_bfloat16"),
+    ([], {"amx_bf16", "amx_tile"}, "mixed_bfloat16"),
+    ([], {"avx2", "avx512f"}, "float32"),
+])
+def test_auto_mixed_precision_per_device_type(devices, flags, want):
+    assert auto_mixed_precision(devices, flags) == want
+
+
+def test_set_mixed_precision_auto_and_refusal():
+    try:
+        assert set_mixed_precision("auto") == auto_mixed_precision()  # this machine's pick
+        assert keras.mixed_precision.global_policy().name == auto_mixed_precision()
+        with pytest.raises(ValueError, match="mixed_precision must be one of float32"):
+            set_mixed_precision("bfloat16")
+    finally:
+        set_mixed_precision(None)
+
+
+def test_mixed_float16_trains_with_loss_scaling(tmp_path):
+    """mixed_float16 (the GPU pick): Keras wraps the optimizer in a LossScaleOptimizer, and the
+    Distiller's step goes through it (scaled loss, unscaled gradients), so weights move."""
+    keras.backend.clear_session()
+    try:
+        set_mixed_precision("mixed_float16")
+        student = tiny_convnet()
+        w0 = [w.copy() for w in student.get_weights()]
+        d = Distiller(student, None)
+        metrics = train(d, make_train_ds, steps=3, workdir=str(tmp_path), lr=1e-2,
+                        weight_decay=0.0, mixed_precision="mixed_float16", verbose=False)
+    finally:
+        set_mixed_precision(None)
+    assert isinstance(d.optimizer, keras.mixed_precision.LossScaleOptimizer)
+    assert math.isfinite(metrics["train_loss"])
+    kernel = student.get_layer("tiny_head").kernel
+    assert kernel.dtype == tf.float32
+    assert not np.allclose(kernel.numpy(), w0[-2])

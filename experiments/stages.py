@@ -167,9 +167,10 @@ class Run:
             if spec["num_classes"] != self.num_classes:
                 raise ValueError(f"--teacher: {arg} has {spec['num_classes']} classes, the data "
                                  f"has {self.num_classes}")
-            shutil.copy(src.weights, stage.weights)
+            if stage.writes:  # a non-chief worker reads the source folder instead
+                shutil.copy(src.weights, stage.weights)
             stage.save_model_json(**spec)
-            teacher, size = self.load_teacher_from(stage)
+            teacher, size = self.load_teacher_from(stage if stage.writes else src)
             top1 = self._evaluate_keras(teacher, size)
             stage.finish({"val_top1": top1, "source": arg, "trained_steps": 0})
             return

@@ -52,8 +52,8 @@ class Run:
         self.num_classes = self.train_src.num_classes
         self.strategy = training.get_strategy(strategy)
         self.replicas = self.strategy.num_replicas_in_sync
-        # Multi-worker: every worker runs the training stages (collectives need all of them);
-        # only the chief writes files and runs export, benchmark and report.
+        # Multi-worker: every worker runs the training stages (collectives need all of them,
+        # saving weights too); only the chief writes files and runs export, benchmark, report.
         self.chief = training.is_chief(self.strategy)
         if not self.chief:
             self.tb = pathlib.Path(tempfile.mkdtemp(prefix="tb-nonchief-"))  # pruning summaries

@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -54,8 +55,8 @@ class StageDir:
     """One stage's folder: `config.json`, `model.json`, `weights.h5`, `metrics.json`, `DONE`.
 
     `writes=False` is a non-chief worker's view of a multi-worker run: it reads the chief's
-    folder (DONE, checkpoints, earlier stages) and its writes do nothing, so the chief alone
-    writes the stage's files.
+    folder (DONE, checkpoints, earlier stages) and writes nothing there, so the chief alone
+    writes the stage's files (`save_weights` still saves, to a scratch file: see there).
     """
 
     def __init__(self, workdir, name: str, *, writes: bool = True):
@@ -97,6 +98,10 @@ class StageDir:
 
     def save_weights(self, model) -> None:
         if not self.writes:
+            # Reading synchronised-on-read variables (BatchNorm statistics) of a multi-worker
+            # model is an all-reduce that every worker must join: save to a scratch file.
+            with tempfile.TemporaryDirectory(prefix="weights-nonchief-") as scratch:
+                model.save_weights(os.path.join(scratch, "weights.h5"))
             return
         tmp = self.path / f".weights.tmp{os.getpid()}.h5"
         model.save_weights(str(tmp))

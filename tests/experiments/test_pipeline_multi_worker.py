@@ -93,7 +93,8 @@ def test_distill_stage_on_two_workers(tmp_path, imagenette_dir):
 
 
 def test_non_chief_stage_dir_reads_and_writes_nothing(tmp_path):
-    """A non-chief worker's StageDir sees the chief's DONE and writes, resets nothing."""
+    """A non-chief worker's StageDir sees the chief's DONE and writes, resets nothing (its
+    save_weights still runs, into a scratch file: it may be an all-reduce)."""
     from experiments.workdir import StageDir
     from models.compat import keras
 

@@ -4,7 +4,7 @@ implementation.
   python scripts/bench_train.py [--student=mobilevit_xxs] [--teacher=vit_tiny_patch16]
       [--size=256] [--teacher_size=224] [--batch=32] [--steps=6] [--warmup=3]
       [--precisions=fp32] [--reference=kecam] [--xla] [--device=cpu|gpu] [--data=DIR]
-      [--pipeline_steps=8] [--skip_pipeline]
+      [--pipeline_steps=8] [--skip_pipeline | --only_pipeline]
 
 Part 1: one training step (forward, backward, AdamW) of the student at `--size` x `--batch`,
 labels-only and with a frozen ViT teacher at `--teacher_size` (soft distillation), on in-memory
@@ -196,6 +196,7 @@ def main(argv=None):
     p.add_argument("--limit_per_class", type=int, default=100,
                    help="images per class the part-2 pipeline reads (throughput only)")
     p.add_argument("--skip_pipeline", action="store_true")
+    p.add_argument("--only_pipeline", action="store_true", help="part 2 alone")
     args = p.parse_args(argv)
     for prec in args.precisions.split(",") + [args.pipeline_precision]:
         if prec not in ("fp32", "mixed_bfloat16", "mixed_float16"):
@@ -214,17 +215,18 @@ def main(argv=None):
           f"load average {os.getloadavg()[0]:.1f}; TF {tf.__version__}; median of {args.steps} "
           f"steps after {args.warmup} untimed", flush=True)
 
-    rows = part1(args, student)
-    ref = args.reference
-    print(f"\n| step | precision | student px | teacher px | ours img/s | {ref} img/s | "
-          f"ours / {ref} |\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        other = f"{r[5]:.1f} | {r[4] / r[5]:.2f}" if r[5] else "- | -"
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {other} |")
-    if args.xla:
-        off, on = part_xla(args, student)
-        print(f"\nXLA, our fp32 distillation step: jit_compile=False {off:.1f} img/s, "
-              f"jit_compile=True {on:.1f} img/s (on / off {on / off:.2f})")
+    if not args.only_pipeline:
+        rows = part1(args, student)
+        ref = args.reference
+        print(f"\n| step | precision | student px | teacher px | ours img/s | {ref} img/s | "
+              f"ours / {ref} |\n|---|---|---|---|---|---|---|")
+        for r in rows:
+            other = f"{r[5]:.1f} | {r[4] / r[5]:.2f}" if r[5] else "- | -"
+            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {other} |")
+        if args.xla:
+            off, on = part_xla(args, student)
+            print(f"\nXLA, our fp32 distillation step: jit_compile=False {off:.1f} img/s, "
+                  f"jit_compile=True {on:.1f} img/s (on / off {on / off:.2f})")
 
     if not args.skip_pipeline:
         out = part2(args, student)

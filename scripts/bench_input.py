@@ -10,10 +10,10 @@ is the `--preset`'s distill sampler (full: 160..320, 5 scales, base 256 x 128) a
 one its base size x base batch. `--parallel`: the decode/augment map's num_parallel_calls, one
 row each (0 = AUTOTUNE, which tf.data tunes up to the CPU budget: the core count).
 
-Measured (2-core VM shared with other jobs, load average about 9, default augmentation, 30 s):
-multi-scale (160:327 192:227 256:128 288:101 320:81) 938 img/s, 5.2 batches/s; fixed 256:128
-412 img/s, 3.2 batches/s; eval at 256 361 img/s. First decode check of the train split 16-22 s,
-0.4 s when cached.
+Measured (2-core VM shared with other jobs, load average 13, default augmentation, 10 s a row,
+full preset): multi-scale (160:327 192:227 256:128 288:101 320:81) 1065 img/s with AUTOTUNE,
+790 / 741 with 1 / 2 parallel calls; fixed 256:128 587 (AUTOTUNE), 613 / 636; eval at 256 456
+img/s. First decode check of the train split 11-22 s, 0.4 s when cached.
 """
 
 from __future__ import annotations

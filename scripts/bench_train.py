@@ -15,7 +15,8 @@ through the same `compress.training.train`; the last column is ours / reference.
 Part 2 (when the data exists): the labels-only student fed by the real pipeline from `--data`,
 MobileViT's multi-scale sampler (160..320, base 256 x `--batch`) against a fixed 256 x `--batch`
 sampler; an "epoch" is the train split's images, its time projected from `--pipeline_steps`
-timed steps; the ratio is fixed-epoch time / multi-scale-epoch time.
+timed steps (the median of `--rounds` interleaved rounds); the ratio is fixed-epoch time /
+multi-scale-epoch time.
 
 Part-1 figures are the median images/s of the timed steps, after `--warmup` untimed steps
 (tracing, allocator and oneDNN warm-up); part-2 figures are all timed images over all timed
@@ -158,19 +159,26 @@ def part2(args, student_name: str) -> list[tuple] | None:
     epoch_images = ip.load_source(str(args.data), "train", verify=False).num_examples
     samplers = {"multi-scale 160-320": ip.MultiScaleSampler(base_size=256, base_batch=args.batch),
                 "fixed 256": ip.MultiScaleSampler.fixed(256, args.batch)}
+    rates = {label: [] for label in samplers}
+    walls = dict.fromkeys(samplers, 0.0)
+    for _ in range(args.rounds):  # interleaved: a shared machine's load drifts
+        for label, sampler in samplers.items():
+            keras.backend.clear_session()
+            set_mixed_precision(None if precision == "fp32" else precision)
+            student = models.create_model(student_name, num_classes=source.num_classes)
+            t0 = time.perf_counter()
+            ips = run(student, lambda step: ip.train_dataset(source, sampler, start_step=step),
+                      args.pipeline_steps, args.warmup,
+                      None if precision == "fp32" else precision).mean()
+            rates[label].append(ips)
+            walls[label] += time.perf_counter() - t0
+            print(f"  {label}: {ips:.1f} img/s", flush=True)
+    set_mixed_precision(None)
     rows = []
     for label, sampler in samplers.items():
-        keras.backend.clear_session()
-        set_mixed_precision(None if precision == "fp32" else precision)
-        student = models.create_model(student_name, num_classes=source.num_classes)
-        t0 = time.perf_counter()
-        ips = run(student, lambda step: ip.train_dataset(source, sampler, start_step=step),
-                  args.pipeline_steps, args.warmup,
-                  None if precision == "fp32" else precision).mean()
+        ips = sorted(rates[label])[len(rates[label]) // 2]
         rows.append((label, precision, str(sampler.pairs), ips, epoch_images / ips / 60,
-                     time.perf_counter() - t0))
-        print(f"  {label}: {ips:.1f} img/s", flush=True)
-    set_mixed_precision(None)
+                     walls[label]))
     return rows, epoch_images
 
 
@@ -197,6 +205,8 @@ def main(argv=None):
                    help="images per class the part-2 pipeline reads (throughput only)")
     p.add_argument("--skip_pipeline", action="store_true")
     p.add_argument("--only_pipeline", action="store_true", help="part 2 alone")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="part 2: interleaved rounds of both samplers; the median is shown")
     args = p.parse_args(argv)
     for prec in args.precisions.split(",") + [args.pipeline_precision]:
         if prec not in ("fp32", "mixed_bfloat16", "mixed_float16"):

@@ -25,6 +25,8 @@ def run(*args):
     ("--config.distill.stepz=3", 'unknown --config key stepz Did you mean "steps"'),
     ("--config.distill.steps=abc", "--config.distill.steps=abc: invalid literal for int"),
     ("--config.distill.kind=medium", "--config.distill.kind: 'medium' is not accepted; accepted"),
+    ("--config.mixed_precision=bf16",
+     "--config.mixed_precision: 'bf16' is not accepted; accepted: .*'auto'"),
     ("--config.prune.target_sparsity=1.5", r"target_sparsity must be in \[0, 1\)"),
     ("--config.export.float_layers=('stage9_*',)",
      r"--config.export.float_layers: 'stage9_\*' matches no layer of mobilevit_xxs"),

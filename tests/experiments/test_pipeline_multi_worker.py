@@ -65,7 +65,7 @@ def test_distill_stage_on_two_workers(tmp_path, imagenette_dir):
         os.kill(procs[1].pid, signal.SIGKILL)  # the non-chief
         procs[1].wait()
         time.sleep(2)
-        assert procs[0].poll() is None  # the chief waits for its peer in a collective
+        assert procs[0].poll() != 0  # the chief waits in a collective or fails, never finishes
     finally:
         for p in procs:
             if p.poll() is None:

@@ -240,16 +240,18 @@ class Distiller(keras.Model):
             loss = tf.reduce_sum(total) / global_batch
             if self.student.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.student.losses))
-        variables = self.student.trainable_variables
-        grads = tape.gradient(loss, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        # minimize (not tape.gradient + apply_gradients): under mixed_float16 the optimizer is a
+        # LossScaleOptimizer, which scales the loss here and unscales the gradients.
+        self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
 
         correct = _correct(labels, _eval_logits(outputs))
         self.loss_tracker.update_state(total)
         self.label_loss_tracker.update_state(lab)
         self.kd_loss_tracker.update_state(kd)
         self.accuracy_tracker.update_state(correct)
-        logs = {m.name: m.result() for m in self.metrics}
+        # In replica context a tracker's result is this replica's mean; the 'sum' reduction
+        # adds them, so divide here (replicas see equal batches: the mean of means is the mean).
+        logs = {m.name: m.result() / replicas for m in self.metrics}
         logs.update(
             step_loss=tf.reduce_sum(total) / global_batch,
             step_label_loss=tf.reduce_sum(lab) / global_batch,

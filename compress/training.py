@@ -19,9 +19,10 @@
   * a tqdm progress bar with the running loss, accuracy, images/s and the current resolution;
   * any `tf.distribute` strategy (`get_strategy`); models must be built under its scope, and
     each global batch must split evenly over the replicas (checked in the input stream).
-    Tested: one device and MirroredStrategy (two logical CPUs). Not run here: multi-worker
-    (auto-sharding of the per-step batches is left to tf.data's defaults) and TPU (XLA needs
-    static shapes: a fixed-size sampler and `drop_remainder` batches).
+    Tested: one device, MirroredStrategy (two logical CPUs) and MultiWorkerMirroredStrategy
+    (two worker processes; input sharded with `AutoShardPolicy.DATA`, `_data_sharding`; only
+    the chief writes checkpoints and TensorBoard). Not run here: TPU (XLA needs static shapes:
+    a fixed-size sampler and `drop_remainder` batches).
 
 Why `fit` in chunks rather than a custom loop: Keras callbacks that the pruning and QAT stages
 pass (`UpdatePruningStep`, `PruningSummaries`) keep working unchanged, and `fit` already handles
@@ -31,14 +32,18 @@ distributed datasets. The dataset is recreated only at chunk boundaries that do 
 Mixed precision: `set_mixed_precision('mixed_bfloat16')` must be called before the models are
 built (Keras fixes each layer's dtype policy at construction); `train(mixed_precision=...)`
 checks that the student was built that way. On this CPU (AVX512-BF16) it doubled ViT-Ti
-training throughput; losses are always computed in float32. XLA (`jit_compile`) is not used:
-it was about 4x slower on this CPU (../shared/reference/STACK.md §7).
+training throughput; losses are always computed in float32. 'auto' picks the policy per device
+type (`auto_mixed_precision`); under 'mixed_float16' Keras wraps the optimizer in a
+LossScaleOptimizer. XLA: `train(jit_compile=True)` (config key `jit_compile`), off by default:
+slower on this CPU (README, "Scale-out").
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable, Iterable
 
@@ -74,21 +79,72 @@ def get_strategy(name: str = "default", *, tpu: str | None = None) -> tf.distrib
     raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
 
 
-def set_mixed_precision(policy: str | None) -> None:
-    """Set the global Keras dtype policy ('mixed_bfloat16', 'float32' or None = 'float32').
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split()[2:]}
+    except OSError:
+        return set()
+
+
+def auto_mixed_precision(devices: list[dict] | None = None,
+                         cpu_flags: set[str] | None = None) -> str:
+    """The dtype policy for the device type that trains: what `mixed_precision='auto'` picks.
+
+      TPU                                           -> 'mixed_bfloat16' (the MXU's type)
+      GPU of compute capability >= 7.0 (tensor cores) -> 'mixed_float16' (with loss scaling;
+                                                       float16 is as fast as bfloat16 on >= 8.0)
+      CPU with AVX512-BF16 or AMX-BF16              -> 'mixed_bfloat16' (2x ViT-Ti training on
+                                                       this project's Xeon, STACK.md section 8)
+      anything else                                 -> 'float32'
+
+    `devices`: dicts with 'device_type' ('TPU', 'GPU', 'CPU') and, for GPUs,
+    'compute_capability' (major, minor); default: this machine's (TPUs first, then GPUs).
+    `cpu_flags`: the CPU's feature flags; default: /proc/cpuinfo's.
+    """
+    if devices is None:
+        devices = [{"device_type": "TPU"} for _ in tf.config.list_logical_devices("TPU")]
+        devices += [{"device_type": "GPU", **tf.config.experimental.get_device_details(d)}
+                    for d in tf.config.list_physical_devices("GPU")]
+    kinds = {d["device_type"] for d in devices}
+    if "TPU" in kinds:
+        return "mixed_bfloat16"
+    gpus = [d for d in devices if d["device_type"] == "GPU"]
+    if gpus:
+        if all(tuple(d.get("compute_capability") or (0, 0)) >= (7, 0) for d in gpus):
+            return "mixed_float16"
+        return "float32"
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    return "mixed_bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "auto")
+
+
+def set_mixed_precision(policy: str | None) -> str:
+    """Set the global Keras dtype policy: one of PRECISIONS or None (= 'float32'); 'auto' is
+    `auto_mixed_precision()`. Returns the policy set.
 
     Call it before building the models that `train` will get.
     """
-    keras.mixed_precision.set_global_policy(policy or "float32")
+    policy = policy or "float32"
+    if policy not in PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}; "
+                         f"got {policy!r}")
+    if policy == "auto":
+        policy = auto_mixed_precision()
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
 
 
 def _check_precision(student: keras.Model, policy: str | None) -> None:
     if policy is None:
         return
-    want = "bfloat16" if policy == "mixed_bfloat16" else "float32"
-    if policy not in ("float32", "mixed_bfloat16"):
-        raise ValueError(f"mixed_precision must be None, 'float32' or 'mixed_bfloat16'; "
-                         f"got {policy!r}")
+    if policy not in PRECISIONS[:-1]:
+        raise ValueError(f"mixed_precision must be None or one of {', '.join(PRECISIONS[:-1])} "
+                         f"(as returned by set_mixed_precision); got {policy!r}")
+    want = {"float32": "float32", "mixed_bfloat16": "bfloat16",
+            "mixed_float16": "float16"}[policy]
     got = {layer.compute_dtype for layer in student.layers if layer.weights}
     if got and want not in got:
         raise ValueError(
@@ -123,7 +179,12 @@ def _random_generators(model: keras.Model) -> dict:
     return out
 
 
-def _is_chief(strategy) -> bool:
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run's files (checkpoints, TensorBoard, stage files).
+
+    One process: always. `MultiWorkerMirroredStrategy`: the 'chief' task, or worker 0 when the
+    cluster has no 'chief' job (TF's convention, as in its multi-worker tutorial).
+    """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
@@ -339,6 +400,21 @@ def _check_divisible(ds: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
     return ds.map(check)
 
 
+def _data_sharding() -> tf.data.Options:
+    """Multi-worker input sharding: `AutoShardPolicy.DATA`.
+
+    The training streams are generated (a step counter mapped to examples), not read from
+    per-worker files, so FILE sharding does not apply. Under DATA every worker runs the whole
+    stream and keeps its own slice of each global batch: the global batch, its images and
+    their order stay those of a one-process run (the cost: each worker decodes every image).
+    OFF would feed each worker the whole batch, multiplying the global batch by the workers.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return options
+
+
 def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.data.Dataset], *,
           steps: int, workdir: str, lr: float, weight_decay: float,
           val_ds: tf.data.Dataset | None = None, warmup_steps: int = 0, min_lr: float = 0.0,
@@ -346,7 +422,8 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
           label_smoothing: float | None = None, strategy: tf.distribute.Strategy | None = None,
           callbacks: Iterable[keras.callbacks.Callback] = (), checkpoint_every: int | None = None,
           eval_every: int | None = None, log_every: int = 10, logdir: str | None = None,
-          mixed_precision: str | None = None, max_to_keep: int = 2, verbose: bool = True) -> dict:
+          mixed_precision: str | None = None, jit_compile: bool = False, max_to_keep: int = 2,
+          verbose: bool = True) -> dict:
     """Train (or resume training) for `steps` global steps in total.
 
     Args:
@@ -369,6 +446,7 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
       log_every: steps between TensorBoard writes of the averaged training scalars.
       mixed_precision: the policy the models were built with (checked, see
         `set_mixed_precision`).
+      jit_compile: compile the train step with XLA (`Model.compile(jit_compile=...)`).
 
     Returns:
       dict with `step`, `start_step`, `val_top1`, `val_loss` (when `val_ds`), `train_loss`,
@@ -382,7 +460,7 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
         raise ValueError(f"steps must be > 0, got {steps}")
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
-    chief = _is_chief(strategy)
+    chief = is_chief(strategy)
 
     with strategy.scope():
         if isinstance(model, Distiller):
@@ -399,7 +477,7 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
         optimizer = make_optimizer(student.trainable_variables, lr=lr, weight_decay=weight_decay,
                                    steps=steps, warmup_steps=warmup_steps, min_lr=min_lr,
                                    warmup_init_lr=warmup_init_lr, clip_norm=clip_norm)
-        distiller.compile(optimizer=optimizer)
+        distiller.compile(optimizer=optimizer, jit_compile=bool(jit_compile))
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         recent_var = tf.Variable(tf.fill([min(max(1, int(log_every)), steps), 2], float("nan")),
                                  trainable=False, name="recent_train_figures")
@@ -407,18 +485,23 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
                                    rng=_random_generators(student), recent=recent_var)
 
     ckpt_dir = os.path.join(workdir, "ckpt")
-    if not chief:  # every worker must save (collectives), only the chief's copy is kept
-        ckpt_dir = os.path.join(ckpt_dir, f".worker{strategy.cluster_resolver.task_id}")
-    manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=max_to_keep)
+    # Every worker saves (saving distributed variables may need all of them), but only the chief
+    # into `ckpt`: the others write to a private temporary folder deleted at the end, and every
+    # worker restores from the chief's folder (TF's multi-worker pattern; `workdir` must be on
+    # storage that every host sees).
+    scratch = None if chief else tempfile.mkdtemp(prefix="ckpt-nonchief-")
+    manager = tf.train.CheckpointManager(ckpt, scratch or ckpt_dir,
+                                         max_to_keep=1 if scratch else max_to_keep)
+    latest = tf.train.latest_checkpoint(ckpt_dir)
     start = 0
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    if latest:
+        ckpt.restore(latest).assert_existing_objects_matched()
         start = int(step_var.numpy())
         if int(optimizer.iterations.numpy()) != start:
             raise RuntimeError(f"checkpoint step {start} != optimizer iterations "
                                f"{int(optimizer.iterations.numpy())}")
         if verbose and chief:
-            print(f"resumed from {manager.latest_checkpoint} at step {start}/{steps}", flush=True)
+            print(f"resumed from {latest} at step {start}/{steps}", flush=True)
     if start > steps:
         raise ValueError(f"the checkpoint is at step {start}, beyond steps={steps}")
 
@@ -441,6 +524,8 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
                 print(f"warning: train_ds is a dataset, not a factory: step {step} starts it "
                       "from its beginning", flush=True)
             ds = train_ds
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            ds = ds.with_options(_data_sharding())
         return _check_divisible(ds, replicas) if replicas > 1 else ds
 
     try:
@@ -458,6 +543,8 @@ def train(model: keras.Model, train_ds: tf.data.Dataset | Callable[[int], tf.dat
                                f"{steps}")
     finally:
         engine.close()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     metrics = {"step": engine.step, "start_step": start}
     if engine.val:

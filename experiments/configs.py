@@ -40,7 +40,10 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     # the same figures; false turns it off (its cost: README, "The pipeline").
     c.deterministic = True
     # teacher and distill stages only (pruning, QAT and export run in float32)
+    # compress.training.PRECISIONS; 'auto': bfloat16 on TPUs and BF16 CPUs, float16 on GPUs
     c.mixed_precision = "float32" if smoke else "mixed_bfloat16"
+    # XLA for every training step (static shapes help it: see README "Scale-out"); slower here
+    c.jit_compile = False
 
     c.data = dict(
         # Small real subset for smoke; 0 = everything.

@@ -142,18 +142,19 @@ def validate_flags() -> None:
                                           FLAGS.export_size % info.size_divisor):
         _fail(f"--export_size: {FLAGS.export_size} is not a positive multiple of "
                              f"{info.size_divisor}, which {FLAGS.student} needs")
-    from compress.tflite.interpreter import DELEGATES
     from compress.distill import KINDS
-    from compress.tflite.convert import FORMATS
     from compress.prune import SCHEDULES
+    from compress.tflite.convert import FORMATS
+    from compress.tflite.interpreter import DELEGATES
+    from compress.training import PRECISIONS
 
     c = FLAGS.config
-    checks = {"distill.kind": (c.distill.kind, KINDS), "prune.kind": (c.prune.kind, KINDS),
+    checks = {"mixed_precision": (c.mixed_precision, PRECISIONS),
+              "distill.kind": (c.distill.kind, KINDS), "prune.kind": (c.prune.kind, KINDS),
               "qat.kind": (c.qat.kind, KINDS), "prune.schedule": (c.prune.schedule, SCHEDULES),
               "prune.m_by_n": (c.prune.m_by_n, ("", "2:4")),
               "prune.method": (c.prune.method, ("magnitude", "structured")),
-              "prune.importance": (c.prune.importance, ("taylor", "magnitude")),
-              "mixed_precision": (c.mixed_precision, ("float32", "mixed_bfloat16"))}
+              "prune.importance": (c.prune.importance, ("taylor", "magnitude"))}
     checks.update({f"benchmark.delegates[{i}]": (d, DELEGATES)
                    for i, d in enumerate(c.benchmark.delegates)})
     checks.update({f"export.formats.{s}[{i}]": (f, FORMATS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
+import tempfile
 import time
 
 import numpy as np
@@ -29,6 +30,7 @@ from experiments.workdir import StageDir, atomic_copy, read_json, write_json
 from models.compat import keras
 
 EXPORT_STAGES = ("distill", "prune", "qat")
+TRAINING_STAGES = ("teacher", "distill", "prune", "qat")
 
 
 class Run:
@@ -56,6 +58,11 @@ class Run:
         self._check_teacher_classes()
         self.strategy = training.get_strategy(strategy)
         self.replicas = self.strategy.num_replicas_in_sync
+        # Multi-worker: every worker runs the training stages (collectives need all of them,
+        # saving weights too); only the chief writes files and runs export, benchmark, report.
+        self.chief = training.is_chief(self.strategy)
+        if not self.chief:
+            self.tb = pathlib.Path(tempfile.mkdtemp(prefix="tb-nonchief-"))  # pruning summaries
 
     def _check_teacher_classes(self) -> None:
         """A teacher folder must have the data's classes (checked before the first stage)."""
@@ -68,7 +75,10 @@ class Run:
 
     # ---------------------------------------------------------------------------------------
     def run_stage(self, name: str) -> None:
-        stage = StageDir(self.workdir, name)
+        if not self.chief and name not in TRAINING_STAGES:
+            print(f"[{name}] left to the chief worker")
+            return
+        stage = StageDir(self.workdir, name, writes=self.chief)
         if self.overwrite:  # every stage, DONE first: a kill part-way leaves it unfinished
             stage.reset()
         if stage.done and not self.overwrite:
@@ -80,8 +90,8 @@ class Run:
 
         # Mixed precision speeds up the long float trainings; pruning wrappers, QAT fake-quant,
         # export and measurement run in float32.
-        self.policy = self.cfg.mixed_precision if name in ("teacher", "distill") else "float32"
-        training.set_mixed_precision(self.policy)
+        self.policy = training.set_mixed_precision(  # 'auto' resolved per device type
+            self.cfg.mixed_precision if name in ("teacher", "distill") else "float32")
         getattr(self, f"stage_{name}")(stage)
 
     def _require(self, name: str) -> StageDir:
@@ -145,7 +155,7 @@ class Run:
         return dict(steps=section.steps, lr=section.lr, weight_decay=section.weight_decay,
                     warmup_steps=section.warmup_steps, min_lr=section.lr * section.min_lr_ratio,
                     label_smoothing=section.label_smoothing,
-                    mixed_precision=self.policy)
+                    mixed_precision=self.policy, jit_compile=self.cfg.jit_compile)
 
     def _fit(self, stage: StageDir, model_fn, sampler, section, *, tb_name, eval_size,
              callbacks_fn=None, teacher_cache=None):
@@ -187,9 +197,11 @@ class Run:
             losses.append(label_loss(y, logits, label_smoothing=label_smoothing).numpy())
             labels.append(y.numpy())
         preds, labels = np.concatenate(preds), np.concatenate(labels)
-        save_predictions(folder, preds)
         out = {"val_top1": float((preds == labels).mean()),
                "val_loss": float(np.concatenate(losses).mean())}
+        if not self.chief:  # the chief alone writes the run's files
+            return out
+        save_predictions(folder, preds)
         if logdir is not None:
             with tf.summary.create_file_writer(str(logdir)).as_default(step=step):
                 tf.summary.scalar("val/top1", out["val_top1"])
@@ -206,9 +218,10 @@ class Run:
         if os.path.isfile(os.path.join(arg, "model.json")):  # a teacher stage folder
             src = StageDir(pathlib.Path(arg).parent, pathlib.Path(arg).name)
             spec = src.model_json()  # its classes were checked against the data in __init__
-            atomic_copy(src.weights, stage.weights)
+            if stage.writes:  # a non-chief worker reads the source folder instead
+                atomic_copy(src.weights, stage.weights)
             stage.save_model_json(**spec)
-            teacher, size = self.load_teacher_from(stage)
+            teacher, size = self.load_teacher_from(stage if stage.writes else src)
             m = self._evaluate_and_save(stage.path, teacher, size)
             stage.finish({**m, "source": arg, "trained_steps": 0})
             return
@@ -309,7 +322,7 @@ class Run:
         stage.begin({"student": self.student, **d.to_dict()})
         metrics = {}
         if d.baseline and d.kind != "none":
-            base = StageDir(stage.path, "baseline")
+            base = stage.child("baseline")
             if not base.done:
                 base.begin({"kind": "none"})
                 distiller, m = self._student_fit(base, d, kind="none", alpha=0.0,
@@ -365,7 +378,7 @@ class Run:
         stage.save_weights(stripped)
         stage.save_model_json(name=self.student, num_classes=self.num_classes, wrappers=["prune"],
                               prune=self._prune_kwargs())
-        write_json(stage.path / "sparsity.json", report)
+        stage.write_json("sparsity.json", report)
         overall = report.get("overall", {})
         stage.finish({**m, "sparsity": overall.get("sparsity") if isinstance(overall, dict) else overall})
 

@@ -19,6 +19,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 
 from compress.io import atomic_copy, atomic_path, atomic_write, write_json
@@ -56,10 +57,16 @@ def read_json(path):
 
 
 class StageDir:
-    """One stage's folder: `config.json`, `model.json`, `weights.h5`, `metrics.json`, `DONE`."""
+    """One stage's folder: `config.json`, `model.json`, `weights.h5`, `metrics.json`, `DONE`.
 
-    def __init__(self, workdir, name: str):
+    `writes=False` is a non-chief worker's view of a multi-worker run: it reads the chief's
+    folder (DONE, checkpoints, earlier stages) and writes nothing there, so the chief alone
+    writes the stage's files (`save_weights` still saves, to a scratch file: see there).
+    """
+
+    def __init__(self, workdir, name: str, *, writes: bool = True):
         self.name = name
+        self.writes = writes
         self.path = pathlib.Path(workdir) / name
         self.ckpt = self.path / "ckpt"
         self.weights = self.path / "weights.h5"
@@ -68,9 +75,15 @@ class StageDir:
     def done(self) -> bool:
         return (self.path / "DONE").exists()
 
+    def child(self, name: str) -> "StageDir":
+        """A stage folder inside this one (the distill stage's labels-only baseline)."""
+        return StageDir(self.path, name, writes=self.writes)
+
     def reset(self) -> None:
         """--overwrite: forget everything this stage computed, DONE first (a kill part-way
         then leaves an unfinished stage, never a stale finished one)."""
+        if not self.writes:
+            return
         self.clear_done()
         if self.path.exists():
             shutil.rmtree(self.path)
@@ -80,11 +93,15 @@ class StageDir:
         (self.path / "DONE").unlink(missing_ok=True)
 
     def begin(self, config: dict) -> None:
+        if not self.writes:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / "config.json", config)
 
     def save_model_json(self, *, name: str, num_classes: int, overrides: dict | None = None,
                         wrappers: tuple = (), **extra) -> None:
+        if not self.writes:
+            return
         write_json(self.path / "model.json", {"name": name, "num_classes": num_classes,
                                               "overrides": overrides or {},
                                               "wrappers": list(wrappers), **extra})
@@ -93,6 +110,12 @@ class StageDir:
         return read_json(self.path / "model.json")
 
     def save_weights(self, model) -> None:
+        if not self.writes:
+            # Reading synchronised-on-read variables (BatchNorm statistics) of a multi-worker
+            # model is an all-reduce that every worker must join: save to a scratch file.
+            with tempfile.TemporaryDirectory(prefix="weights-nonchief-") as scratch:
+                model.save_weights(os.path.join(scratch, "weights.h5"))
+            return
         with atomic_path(self.weights) as tmp:
             model.save_weights(tmp)
 
@@ -100,6 +123,13 @@ class StageDir:
         path = self.path / "metrics.json"
         return read_json(path) if path.exists() else {}
 
+    def write_json(self, filename: str, obj) -> None:
+        """An extra JSON file of the stage (e.g. the prune stage's sparsity.json)."""
+        if self.writes:
+            write_json(self.path / filename, obj)
+
     def finish(self, metrics: dict) -> None:
+        if not self.writes:
+            return
         write_json(self.path / "metrics.json", {**metrics, "finished_at": time.time()})
         atomic_write(self.path / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))

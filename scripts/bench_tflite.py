@@ -129,9 +129,10 @@ def reference_builder(impl: str, name: str) -> Callable | None:
     except ImportError as e:
         raise ValueError(f"--reference={impl}: not installed ({e}); pip install {ref['pip']}") from e
 
-    def build(num_classes: int, input_size: int):
+    def build(num_classes: int, input_size: int, **kwargs):
         return getattr(mod, fn)(
-            input_shape=(input_size, input_size, 3), num_classes=num_classes, pretrained=None
+            input_shape=(input_size, input_size, 3), num_classes=num_classes, pretrained=None,
+            **kwargs,
         )
 
     return build

@@ -26,8 +26,8 @@ def _seed_pair(seed: int, salt: int):
 
 def train_dataset(source: Source, sampler: MultiScaleSampler, *, start_step: int = 0,
                   augment: Augment | None = Augment(), seed: int = 0,
-                  crop_pct: float = 0.875,
-                  teacher_cache: TeacherCache | None = None) -> tf.data.Dataset:
+                  crop_pct: float = 0.875, teacher_cache: TeacherCache | None = None,
+                  num_parallel_calls: int = AUTOTUNE) -> tf.data.Dataset:
     """Infinite stream of batches `(images float32 [b, s, s, 3] in [0, 1], labels)`.
 
     `(s, b) = sampler.plan(step)` for step = start_step, start_step + 1, ...; labels are int32
@@ -37,7 +37,8 @@ def train_dataset(source: Source, sampler: MultiScaleSampler, *, start_step: int
     avoid one trace per size. Examples are read in stateless
     per-epoch permutations of `seed`, and each image's crop/flip/RandAugment draws depend only
     on (seed, step, position in batch), so the stream from `start_step=s` equals the tail of the
-    stream from 0, whatever the parallelism.
+    stream from 0, whatever the parallelism. `num_parallel_calls`: images decoded and augmented
+    at once (AUTOTUNE: tf.data tunes it, up to the CPU budget, by default the core count).
 
     `teacher_cache` (`experiments.data.teacher_cache`): each example shows one of its recorded
     views instead of a fresh random crop (the one `TeacherCache.view_of` assigns to its epoch),
@@ -105,7 +106,7 @@ def train_dataset(source: Source, sampler: MultiScaleSampler, *, start_step: int
     ds = tf.data.Dataset.counter(int(start_step), dtype=tf.int64)
     ds = ds.scan(tf.constant(sampler.examples_before(int(start_step)), tf.int64), plan)
     ds = ds.map(expand).unbatch()
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
     # The b examples of a step are consecutive and share the scale index k, so each window of
     # key k fills exactly at the step's last example: batches come out whole and in step order.
     ds = ds.group_by_window(

@@ -12,10 +12,12 @@ import time
 
 import numpy as np
 import pytest
-from train_helpers import SIZES, make_train_ds, make_val_ds, tiny_convnet, tiny_vit
+from train_helpers import (SIZES, local_cluster, make_train_ds, make_val_ds, tiny_convnet,
+                           tiny_vit)
 
 from compress.distill import Distiller
-from compress.training import WarmupCosine, get_strategy, make_optimizer, set_mixed_precision, train
+from compress.training import (WarmupCosine, auto_mixed_precision, get_strategy, make_optimizer,
+                               set_mixed_precision, train)
 from models.compat import keras, tf
 
 WORKER = pathlib.Path(__file__).with_name("train_worker.py")
@@ -251,3 +253,213 @@ def test_pruning_callback_reaches_sparsity_through_distiller(tmp_path):
     stripped = tfmot.sparsity.keras.strip_pruning(student)
     kernel = stripped.get_layer("tiny_conv2").kernel.numpy()
     np.testing.assert_allclose((kernel == 0).mean(), 0.5, atol=0.02)
+
+
+# --------------------------------------------------------------------------------------------
+# MultiWorkerMirroredStrategy: two real worker processes on loopback ports
+
+
+def _start_workers(tmp_path, tag, workdir, init_h5, steps, every, sleep_s):
+    """Start the two tasks of a 2-worker cluster (TF_CONFIG on loopback ports); each gets its own
+    TMPDIR so that the test can see where the non-chief writes."""
+    procs = []
+    for task, tf_config in enumerate(local_cluster(2)):
+        tmp = tmp_path / f"tmp{task}"
+        tmp.mkdir(exist_ok=True)
+        env = dict(os.environ, TMPDIR=str(tmp), TF_CONFIG=tf_config)
+        log = open(tmp_path / f"{tag}{task}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), "multi_worker", str(workdir), str(init_h5), str(steps),
+             str(every), str(sleep_s), str(tmp_path / f"{tag}")],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait_all(procs, tmp_path, tag, timeout=300):
+    for task, p in enumerate(procs):
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        log = (tmp_path / f"{tag}{task}.log").read_text()
+        assert p.returncode == 0, f"worker {task} failed:\n{log[-3000:]}"
+    return [json.loads((tmp_path / f"{tag}{t}.json").read_text()) for t in range(2)]
+
+
+def _single_process_reference(tmp_path, steps, every):
+    """The initial weights (saved for the workers) and the weights after `steps` steps of the same
+    global batches in this process, on one device."""
+    sys.path.insert(0, str(WORKER.parent))
+    from train_worker import multi_worker_model
+
+    keras.backend.clear_session()
+    tf.random.set_seed(1)
+    model = multi_worker_model()
+    init = tmp_path / "init.h5"
+    model.save_weights(str(init))
+    metrics = train(model, make_train_ds, steps=steps, workdir=str(tmp_path / "single"), lr=5e-3,
+                    weight_decay=0.05, warmup_steps=2, checkpoint_every=every,
+                    eval_every=every * 2, verbose=False)
+    return init, model.get_weights(), metrics
+
+
+# Summation order differs (each worker reduces half a batch, then an all-reduce adds the halves),
+# so float32 weights agree to rounding: measured 1e-7 after 3 steps (weights ~0.3, each step
+# moves them ~2e-3). One variable is left out: the attention key bias, whose gradient is zero in
+# exact arithmetic (softmax is invariant to it) and is rounding noise that AdamW's normalisation
+# turns into lr-sized steps of random sign.
+MW_ATOL = 1e-5
+MW_NOISE_ONLY = ("attn_k/bias",)
+
+
+def _assert_weights_equal(got_npz, want):
+    sys.path.insert(0, str(WORKER.parent))
+    from train_worker import multi_worker_model
+
+    names = [v.name for v in multi_worker_model().weights]
+    got = np.load(got_npz)
+    got = [got[f"arr_{i}"] for i in range(len(got.files))]
+    assert len(got) == len(want) == len(names)
+    compared = 0
+    for name, a, b in zip(names, got, want):
+        if not any(key in name for key in MW_NOISE_ONLY):
+            np.testing.assert_allclose(a, b, rtol=0, atol=MW_ATOL, err_msg=name)
+            compared += 1
+    assert compared == len(names) - 1
+
+
+def test_multi_worker_two_processes(tmp_path):
+    """Two worker processes train 6 steps together: both finish, only the chief (worker 0)
+    writes checkpoints and TensorBoard events, and the weights equal a one-process run of the
+    same global batches."""
+    steps, every = 6, 3
+    init, want, ref = _single_process_reference(tmp_path, steps, every)
+    workdir = tmp_path / "mw"
+    out = _wait_all(_start_workers(tmp_path, "mw", workdir, init, steps, every, 0),
+                    tmp_path, "mw")
+    assert [m["step"] for m in out] == [steps, steps] and out[0]["replicas"] == 2
+    for m in out:  # the last chunk's means over the global batches, as in one process
+        np.testing.assert_allclose([m["train_loss"], m["train_accuracy"]],
+                                   [ref["train_loss"], ref["train_accuracy"]], rtol=1e-4)
+    for task in range(2):
+        _assert_weights_equal(tmp_path / f"mw{task}.npz", want)
+    # Checkpoints: the chief's, in ckpt/ and nothing else; the non-chief's scratch is gone.
+    ckpts = tf.train.get_checkpoint_state(str(workdir / "ckpt")).all_model_checkpoint_paths
+    assert sorted(int(p.rsplit("-", 1)[1]) for p in ckpts) == [3, 6]
+    assert not [p for p in (workdir / "ckpt").iterdir() if p.is_dir()]
+    assert not list((tmp_path / "tmp1").glob("ckpt-nonchief-*"))
+    # TensorBoard: event files carry the writer's pid; only the chief's exist.
+    events = list((workdir / "tb").rglob("events.out.tfevents.*"))
+    assert events and {int(e.name.split(".")[-3]) for e in events} == {out[0]["pid"]}
+
+
+@pytest.mark.slow
+def test_multi_worker_kill_one_and_resume(tmp_path):
+    """kill -9 of the non-chief once a checkpoint exists; the chief then waits in a collective or
+    fails, and is killed if still running; both restarted resume from the chief's last checkpoint and end with the
+    weights of an uninterrupted one-process run."""
+    steps, every = 30, 5
+    init, want, ref = _single_process_reference(tmp_path, steps, every)
+    workdir = tmp_path / "mw"
+    procs = _start_workers(tmp_path, "first", workdir, init, steps, every, 0.3)
+    try:
+        deadline = time.time() + 300
+        while tf.train.latest_checkpoint(str(workdir / "ckpt")) is None:
+            assert all(p.poll() is None for p in procs), "a worker exited before a checkpoint"
+            assert time.time() < deadline, "no checkpoint written in time"
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        procs[1].wait()
+        time.sleep(2)
+        # the chief cannot finish without its peer: it waits in a collective, or its collective
+        # is aborted ("Socket closed", UNAVAILABLE) and it exits with an error
+        assert procs[0].poll() != 0
+        # the non-chief had saved into its own scratch folder, not into ckpt/
+        assert list((tmp_path / "tmp1").glob("ckpt-nonchief-*/ckpt-*.index"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+    saved = int(tf.train.latest_checkpoint(str(workdir / "ckpt")).rsplit("-", 1)[1])
+    assert 0 < saved < steps and saved % every == 0
+
+    out = _wait_all(_start_workers(tmp_path, "second", workdir, init, steps, every, 0),
+                    tmp_path, "second")
+    assert [m["start_step"] for m in out] == [saved, saved]
+    assert [m["step"] for m in out] == [steps, steps]
+    for task in range(2):
+        _assert_weights_equal(tmp_path / f"second{task}.npz", want)
+
+
+def test_one_step_trace_for_all_resolutions_of_the_real_sampler(tmp_path, imagenette_dir,
+                                                                 monkeypatch):
+    """Accelerator readiness: the real multi-scale stream (None spatial dims in element_spec)
+    gives one trace of the train step for every resolution and every fit chunk, not one per
+    size or per batch (a retrace costs seconds on a CPU, tens of seconds under XLA)."""
+    from experiments import data as ip
+
+    monkeypatch.setenv("VIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = ip.load_source(str(imagenette_dir), "train", limit_per_class=2)
+    sampler = ip.MultiScaleSampler(min_size=32, max_size=64, n_scales=3, base_size=48,
+                                   base_batch=4, check_scale=16)
+    seen = set()
+
+    class Sizes(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.add(int(logs["resolution"]))
+
+    keras.backend.clear_session()
+    d = Distiller(tiny_convnet(num_classes=src.num_classes),
+                  tiny_vit(num_classes=src.num_classes, input_size=32), kind="soft")
+    steps = 30
+    train(d, lambda step: ip.train_dataset(src, sampler, start_step=step, augment=None),
+          steps=steps, workdir=str(tmp_path / "run"), lr=1e-3, weight_decay=0.0, eval_every=10,
+          callbacks=[Sizes()], verbose=False)
+    assert seen == set(sampler.sizes) and len(seen) == 3
+    assert d.train_function.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("devices,flags,want", [
+    ([{"device_type": "TPU"}], set(), "mixed_bfloat16"),
+    ([{"device_type": "GPU", "compute_capability": (9, 0)}], set(), "mixed_float16"),
+    ([{"device_type": "GPU", "compute_capability": (7, 0)}], set(), "mixed_float16"),
+    ([{"device_type": "GPU", "compute_capability": (6, 1)}], {"avx512_bf16"}, "float32"),
+    ([], {"avx512f", "avx512_bf16"}, "mixed_bfloat16"),
+    ([], {"amx_bf16", "amx_tile"}, "mixed_bfloat16"),
+    ([], {"avx2", "avx512f"}, "float32"),
+])
+def test_auto_mixed_precision_per_device_type(devices, flags, want):
+    assert auto_mixed_precision(devices, flags) == want
+
+
+def test_set_mixed_precision_auto_and_refusal():
+    try:
+        assert set_mixed_precision("auto") == auto_mixed_precision()  # this machine's pick
+        assert keras.mixed_precision.global_policy().name == auto_mixed_precision()
+        with pytest.raises(ValueError, match="mixed_precision must be one of float32"):
+            set_mixed_precision("bfloat16")
+    finally:
+        set_mixed_precision(None)
+
+
+def test_mixed_float16_trains_with_loss_scaling(tmp_path):
+    """mixed_float16 (the GPU pick): Keras wraps the optimizer in a LossScaleOptimizer, and the
+    Distiller's step goes through it (scaled loss, unscaled gradients), so weights move."""
+    keras.backend.clear_session()
+    try:
+        set_mixed_precision("mixed_float16")
+        student = tiny_convnet()
+        w0 = [w.copy() for w in student.get_weights()]
+        d = Distiller(student, None)
+        metrics = train(d, make_train_ds, steps=3, workdir=str(tmp_path), lr=1e-2,
+                        weight_decay=0.0, mixed_precision="mixed_float16", verbose=False)
+    finally:
+        set_mixed_precision(None)
+    assert isinstance(d.optimizer, keras.mixed_precision.LossScaleOptimizer)
+    assert math.isfinite(metrics["train_loss"])
+    kernel = student.get_layer("tiny_head").kernel
+    assert kernel.dtype == tf.float32
+    assert not np.allclose(kernel.numpy(), w0[-2])

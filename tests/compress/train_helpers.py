@@ -3,6 +3,9 @@ training/distillation tests and their subprocess workers."""
 
 from __future__ import annotations
 
+import json
+import socket
+
 from models.compat import keras, tf
 
 SIZES = (32, 48, 64)  # multi-scale plan of the stand-in sampler
@@ -68,3 +71,16 @@ def tiny_vit(num_classes=5, *, input_size=None, name="tiny_vit"):
 
     return build_vit(dim=32, depth=1, heads=2, mlp_dim=64, num_classes=num_classes,
                      input_size=input_size, name=name)
+
+
+def local_cluster(n):
+    """TF_CONFIG values of the `n` tasks of a MultiWorkerMirroredStrategy cluster on loopback
+    ports free right now (bound to port 0, then released for the workers)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    workers = [f"localhost:{s.getsockname()[1]}" for s in socks]
+    for s in socks:
+        s.close()
+    return [json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
+            for i in range(n)]

@@ -4,8 +4,15 @@
   python tests/compress/train_worker.py mirrored OUT_JSON
   python tests/compress/train_worker.py seeded WORKDIR OUT_JSON
 
+  TF_CONFIG=... python tests/compress/train_worker.py multi_worker WORKDIR INIT_H5 STEPS \
+      CKPT_EVERY SLEEP_S OUT_PREFIX
+
 `mirrored` must configure two logical CPU devices before TensorFlow initialises, which is why
 it runs in its own process; `seeded` turns on op determinism, which lasts for the process.
+`multi_worker` is one task of a `MultiWorkerMirroredStrategy`
+cluster described by TF_CONFIG; it trains `multi_worker_model()` from the weights in INIT_H5 on
+`make_train_ds` and writes OUT_PREFIX<task>.json (metrics, pid) and OUT_PREFIX<task>.npz (the
+final weights).
 """
 
 import json
@@ -185,6 +192,40 @@ def seeded(workdir, out):
                        != student(1).get_weights()[0].tolist()), f)
 
 
+def multi_worker_model():
+    """The student of the multi-worker test: no BatchNorm, so its update does not depend on how
+    the global batch is split between the workers."""
+    from train_helpers import tiny_vit
+
+    return tiny_vit(name="mw_student")
+
+
+def multi_worker(workdir, init_h5, steps, ckpt_every, sleep_s, out_prefix):
+    import numpy as np
+    from train_helpers import make_train_ds
+
+    from compress.training import get_strategy, train
+
+    strategy = get_strategy("multi_worker")
+    task = strategy.cluster_resolver.task_id
+    with strategy.scope():
+        student = multi_worker_model()
+        student.load_weights(init_h5)
+
+    class Slow(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            time.sleep(sleep_s)
+
+    metrics = train(student, make_train_ds, steps=steps, workdir=workdir, lr=5e-3,
+                    weight_decay=0.05, warmup_steps=2, strategy=strategy,
+                    checkpoint_every=ckpt_every, eval_every=ckpt_every * 2,
+                    callbacks=[Slow()] if sleep_s else [], verbose=False)
+    metrics.update(pid=os.getpid(), replicas=strategy.num_replicas_in_sync)
+    np.savez(f"{out_prefix}{task}.npz", *student.get_weights())
+    with open(f"{out_prefix}{task}.json", "w") as f:
+        json.dump(metrics, f)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "resume":
         resume(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
@@ -192,5 +233,8 @@ if __name__ == "__main__":
         mirrored(sys.argv[2])
     elif sys.argv[1] == "seeded":
         seeded(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "multi_worker":
+        multi_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+                     float(sys.argv[6]), sys.argv[7])
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]}")

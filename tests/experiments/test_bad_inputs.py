@@ -77,7 +77,7 @@ CASES = [
     ("mixup", {"config.data.mixup": "-1.0"}, r"--config.data.mixup: -1.0 is not accepted", {}),
     ("teacher_size", {"config.teacher.input_size": "100"}, r"--config.teacher.input_size: 100 is not accepted; accepted: a positive multiple of 16", {}),
     ("checkpoint_every", {"config.distill.checkpoint_every": "0"}, r"--config.distill.checkpoint_every: 0 is not accepted", {}),
-    ("mixed_precision", {"config.mixed_precision": "float16"}, r"--config.mixed_precision: 'float16' is not accepted; accepted: \('float32', 'mixed_bfloat16'\)", {}),
+    ("mixed_precision", {"config.mixed_precision": "float16"}, r"--config.mixed_precision: 'float16' is not accepted; accepted: \('float32', 'mixed_bfloat16', 'mixed_float16', 'auto'\)", {}),
     ("npz_random_bytes", {"teacher": "{tmp}/random.npz"}, r"--teacher: cannot read '.*random.npz' as a Google ViT .npz", {}),
     ("npz_without_vit_keys", {"teacher": "{tmp}/nokeys.npz"}, r"--teacher: '.*nokeys.npz' is not a Google ViT checkpoint \(no 'embedding/kernel' key\)", {}),
     ("npz_missing_keys", {"teacher": "{tmp}/width100.npz"}, r"--teacher: '.*width100.npz' lacks key 'Transformer/encoderblock_0/", {}),

@@ -55,8 +55,11 @@ def test_kill_anywhere_then_resume_equals_an_unbroken_run(smoke_run, run_pipelin
     work = tmp_path / "killed"
     shutil.copytree(unbroken, work)
 
+    # Each kill point is a file the new process writes; the copy's own one goes first, so the
+    # kill cannot fire before the new process has started (and cleared DONE).
     # 1. QAT (training): killed just after its first checkpoint, resumed from it.
     every = "--config.qat.checkpoint_every=1"  # checkpoints only: the figures do not depend on it
+    shutil.rmtree(work / "qat" / "ckpt", ignore_errors=True)
     _kill_when(work, data, lambda: (work / "qat" / "ckpt" / "checkpoint").exists(),
                "--stages=qat", "--overwrite", every)
     assert not (work / "qat" / "DONE").exists()
@@ -70,6 +73,7 @@ def test_kill_anywhere_then_resume_equals_an_unbroken_run(smoke_run, run_pipelin
 
     # 2. export: killed once the first file of the new export is listed, resumed file by file.
     manifest = work / "export" / "manifest.json"
+    manifest.unlink()
     _kill_when(work, data, lambda: manifest.exists(), "--stages=export", "--overwrite")
     assert not (work / "export" / "DONE").exists()
     assert 0 < len(json.loads(manifest.read_text())) < len(
@@ -82,6 +86,7 @@ def test_kill_anywhere_then_resume_equals_an_unbroken_run(smoke_run, run_pipelin
 
     # 3. benchmark: the case. Killed after --overwrite once the first row is written;
     # the old DONE must be gone, so the plain resume measures the rest.
+    (work / "results.csv").unlink(missing_ok=True)
     _kill_when(work, data, lambda: len(_rows(work)) >= 1, "--stages=benchmark", "--overwrite")
     assert not (work / "benchmark" / "DONE").exists()
     assert len(_rows(work)) < len(_rows(unbroken))

@@ -52,6 +52,7 @@ import numpy as np
 
 from models.compat import keras, tf
 
+METHODS = ("magnitude", "structured")  # prune.method: compress.prune masks, or this module
 FAMILIES = ("mobilevit", "efficientformer")
 IMPORTANCE = ("taylor", "magnitude")
 CHANNEL_GRANULARITY = 8

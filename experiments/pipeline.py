@@ -142,6 +142,7 @@ def validate_flags() -> None:
                                           FLAGS.export_size % info.size_divisor):
         _fail(f"--export_size: {FLAGS.export_size} is not a positive multiple of "
                              f"{info.size_divisor}, which {FLAGS.student} needs")
+    from compress import structured
     from compress.distill import KINDS
     from compress.prune import SCHEDULES
     from compress.tflite.convert import FORMATS
@@ -153,8 +154,8 @@ def validate_flags() -> None:
               "distill.kind": (c.distill.kind, KINDS), "prune.kind": (c.prune.kind, KINDS),
               "qat.kind": (c.qat.kind, KINDS), "prune.schedule": (c.prune.schedule, SCHEDULES),
               "prune.m_by_n": (c.prune.m_by_n, ("", "2:4")),
-              "prune.method": (c.prune.method, ("magnitude", "structured")),
-              "prune.importance": (c.prune.importance, ("taylor", "magnitude"))}
+              "prune.method": (c.prune.method, structured.METHODS),
+              "prune.importance": (c.prune.importance, structured.IMPORTANCE)}
     checks.update({f"benchmark.delegates[{i}]": (d, DELEGATES)
                    for i, d in enumerate(c.benchmark.delegates)})
     checks.update({f"export.formats.{s}[{i}]": (f, FORMATS)

@@ -30,6 +30,10 @@ Importance (`importance=`), per unit:
 `select` removes the least score per MAC saved first: for `taylor` the cheapest loss change
 per MAC, for `magnitude` the units of least normalised magnitude in any layer.
 
+A latency budget instead of a MAC budget (`keep_for_latency`): the largest `keep` whose cut,
+exported as int8 and timed on this host (the caller's `latency_of`), meets the milliseconds, by
+bisection between the smallest model and the dense one; the scores are computed once (`plan`).
+
 Selection against a MAC budget (`keep`: fraction of the dense model's MACs): every unit's cost is
 the MACs of the layers it feeds and is fed by, divided by the group's units (all linear in the
 units); chunks of `granularity` units (8 channels, 1 head: vector widths XNNPACK packs well) are
@@ -335,6 +339,57 @@ def transfer(src: keras.Model, dst: keras.Model, groups: list[Group], kept: dict
         dst.get_layer(layer.name).set_weights(ws)
 
 
+@dataclasses.dataclass
+class Plan:
+    """What a cut needs from the dense model, computed once: its groups, their unit scores and
+    costs, its MACs (cut it to several budgets from one plan: `widths_for`, `cut`)."""
+
+    groups: list
+    scores: dict
+    costs: dict
+    total_macs: int
+    importance: str
+
+
+def plan(model: keras.Model, *, input_size: int, importance: str = "taylor", batches=None,
+         loss_fn=None, min_width: float = MIN_WIDTH) -> Plan:
+    """Score the units of `model` (see `prune_structured` for the arguments)."""
+    if importance not in IMPORTANCE:
+        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+    groups = unit_groups(model, min_width)
+    macs = layer_macs(model, input_size)
+    costs = unit_costs(groups, macs)
+    if importance == "taylor":
+        scores = taylor_scores(model, groups, batches, loss_fn)
+    else:
+        scores = magnitude_scores(model, groups, costs)
+    return Plan(groups, scores, costs, int(sum(macs.values())), importance)
+
+
+def widths_for(p: Plan, keep: float) -> dict:
+    """The `widths=` of the cut of plan `p` to `keep` of its MACs (no model built)."""
+    return widths_of(p.groups, select(p.groups, p.scores, p.costs, keep=keep,
+                                      total_macs=p.total_macs))
+
+
+def smallest_widths(model: keras.Model, min_width: float = MIN_WIDTH) -> dict:
+    """The widths of the smallest model structured pruning reaches (every group at its
+    minimum, whatever the scores): what a latency budget is checked against up front."""
+    groups = unit_groups(model, min_width)
+    return widths_of(groups, {g.name: range(g.units - _removable(g)) for g in groups})
+
+
+def cut(model: keras.Model, rebuild, p: Plan, *, keep: float, input_size: int):
+    """The thinner model with `model`'s kept weights, and a summary (`prune_structured`)."""
+    kept = select(p.groups, p.scores, p.costs, keep=keep, total_macs=p.total_macs)
+    widths = widths_of(p.groups, kept)
+    small = rebuild(widths)
+    transfer(model, small, p.groups, kept)
+    small_macs = sum(layer_macs(small, input_size).values())
+    return small, dict(widths=widths, macs=int(small_macs), dense_macs=int(p.total_macs),
+                       kept_fraction=small_macs / p.total_macs, importance=p.importance)
+
+
 def prune_structured(model: keras.Model, rebuild, *, keep: float, input_size: int,
                      importance: str = "taylor", batches=None, loss_fn=None,
                      min_width: float = MIN_WIDTH):
@@ -348,20 +403,44 @@ def prune_structured(model: keras.Model, rebuild, *, keep: float, input_size: in
       min_width: fraction of every group's units that stays (module doc).
     Returns: (small model, dict(widths, macs, dense_macs, kept_fraction, importance)).
     """
-    if importance not in IMPORTANCE:
-        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
-    groups = unit_groups(model, min_width)
-    macs = layer_macs(model, input_size)
-    total = sum(macs.values())
-    costs = unit_costs(groups, macs)
-    if importance == "taylor":
-        scores = taylor_scores(model, groups, batches, loss_fn)
-    else:
-        scores = magnitude_scores(model, groups, costs)
-    kept = select(groups, scores, costs, keep=keep, total_macs=total)
-    widths = widths_of(groups, kept)
-    small = rebuild(widths)
-    transfer(model, small, groups, kept)
-    small_macs = sum(layer_macs(small, input_size).values())
-    return small, dict(widths=widths, macs=int(small_macs), dense_macs=int(total),
-                       kept_fraction=small_macs / total, importance=importance)
+    p = plan(model, input_size=input_size, importance=importance, batches=batches,
+             loss_fn=loss_fn, min_width=min_width)
+    return cut(model, rebuild, p, keep=keep, input_size=input_size)
+
+
+# ------------------------------------------------------------------------------ latency budget
+
+
+def keep_for_latency(latency_of, target_ms: float, *, lo: float, hi: float = 1.0,
+                     probes: int = 6):
+    """The largest MAC fraction in [lo, hi] whose model runs in at most `target_ms`.
+
+    `latency_of(keep) -> ms` measures the cut to `keep` (the stage exports it as int8 and times
+    it on this host's XNNPACK). Latency is taken as non-decreasing in the MACs kept, and the
+    interval is bisected `probes` times after its two ends; timing noise can break that order,
+    so the answer is the largest probed keep that met the budget, never an untimed one.
+
+    Returns: (keep, its ms, [(keep, ms) of every probe in order]).
+    Raises ValueError (one line) when even `lo` (the smallest model) misses the budget.
+    """
+    trials = []
+
+    def probe(k):
+        ms = float(latency_of(k))
+        trials.append((k, ms))
+        return ms
+
+    if probe(hi) <= target_ms:
+        return hi, trials[-1][1], trials
+    if (ms := probe(lo)) > target_ms:
+        raise ValueError(f"target_ms={target_ms:g}: out of reach, the smallest model (keep "
+                         f"{lo:.3f} of the MACs) runs in {ms:.2f} ms")
+    met, missed = lo, hi
+    for _ in range(probes):
+        mid = (met + missed) / 2
+        if probe(mid) <= target_ms:
+            met = mid
+        else:
+            missed = mid
+    best = max(k for k, ms in trials if ms <= target_ms)
+    return best, dict(trials)[best], trials

@@ -110,3 +110,21 @@ def benchmark_files(
             written.append(row)
             log(f"{rel} threads={t} {d}: p50 {lat['latency_p50_ms']:.3f} ms")
     return written
+
+
+def int8_latency_ms(model, path: str, *, input_size: int, threads: int, deny_amx: bool = False,
+                    repeats: int = 3, **export_kwargs) -> float:
+    """p50 milliseconds of `model` exported to `path` as the pipeline's int8 file (the fast
+    path; `export_kwargs` as the export stage passes them) and timed on this host's XNNPACK at
+    `threads`: the median over `repeats` fresh processes. Calibrated on random images (the time
+    does not depend on them). What a structured prune's latency budget is measured with."""
+    from compress.tflite.convert import export_tflite
+
+    rep = np.random.default_rng(0).uniform(size=(8, input_size, input_size, 3)).astype(np.float32)
+    export_tflite(model, path, fmt="int8", input_size=input_size, representative=rep,
+                  num_calibration=len(rep), **export_kwargs)
+    lat = measure_latency(path, threads=threads, warmup=5, runs=30, min_secs=0.5,
+                          repeats=repeats, deny_amx=deny_amx, fallback=False)
+    if lat["error"]:
+        raise RuntimeError(f"{path}: XNNPACK could not run the int8 file: {lat['error']}")
+    return float(lat["latency_p50_ms"])

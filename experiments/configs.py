@@ -63,7 +63,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         input_size=64 if smoke else (128 if quick else 224),
         batch_size=16 if smoke else (64 if quick else 256),
         checkpoint_every=10 if smoke else 200,
-        eval_every=0,  # 0: evaluate at the end only
+        eval_every=0,  # 0: evaluate at the end only (else every that many steps)
         **_optim(steps=8 if smoke else (1200 if quick else 100_000), lr=1e-3,
                  weight_decay=0.05, warmup_steps=2 if smoke else (150 if quick else 5000)),
     )
@@ -97,7 +97,10 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         importance="taylor",  # structured: taylor | magnitude (compress/structured.py)
         min_width=0.25,  # structured: fraction of every block's units that stays
         score_batches=2 if smoke else 16,  # structured: batches of the taylor importance
-        target_ms=0.0,  # structured: a latency budget instead of `keep` (not implemented yet)
+        # structured: a latency budget instead of `keep`: the largest keep whose int8 file runs
+        # in target_ms on this host's XNNPACK at target_threads (0: use `keep`)
+        target_ms=0.0,
+        target_threads=1,
         target_sparsity=0.5,
         schedule="polynomial",  # polynomial | constant
         m_by_n="",  # "" or "2:4"
@@ -205,6 +208,7 @@ def _rules(c, size_divisor: int, teacher_divisor: int):
              ("prune.keep", *_real(0, 1, lo_open=True)),
              ("prune.min_width", *_real(0, 1, lo_open=True)),
              ("prune.score_batches", *_int(1)), ("prune.target_ms", *_real(0, None)),
+             ("prune.target_threads", *_int(1)),
              ("export.size", *_multiple(size_divisor, zero_ok=True)),
              ("export.representative_images", *_int(1)),
              ("benchmark.warmup", *_int(0)), ("benchmark.runs", *_int(1)),

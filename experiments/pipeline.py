@@ -169,6 +169,9 @@ def validate_flags() -> None:
             _fail(problem)
     if c.prune.method == "structured":
         _validate_structured(c, info)
+    elif c.prune.target_ms:
+        _fail("--config.prune.target_ms: a latency budget needs --config.prune.method=structured "
+              "(magnitude pruning leaves the file's work as it is)")
     tc = c.distill.teacher_cache
     if tc.views and (c.data.randaugment or c.data.mixup or c.data.cutmix):
         _fail("--config.distill.teacher_cache.views: the teacher cache cannot be combined with "
@@ -227,9 +230,6 @@ def _validate_structured(c, info) -> None:
     from compress import structured
 
     p = c.prune
-    if p.target_ms:
-        _fail("--config.prune.target_ms: a latency budget is not implemented yet; give the "
-              "budget as a MAC fraction, --config.prune.keep")
     try:
         structured.check_family(FLAGS.student)
     except ValueError as e:
@@ -238,12 +238,38 @@ def _validate_structured(c, info) -> None:
     # else the export size
     size = info.default_size if info.fixed_size else (FLAGS.export_size or c.export.size or
                                                       info.default_size)
-    smallest = structured.min_keep(models.create_model(FLAGS.student, num_classes=10,
-                                                       input_size=size), size, p.min_width)
-    if p.keep < smallest:
+    dense = models.create_model(FLAGS.student, num_classes=10, input_size=size)
+    smallest = structured.min_keep(dense, size, p.min_width)
+    if p.target_ms:
+        _check_latency_budget(c, dense, size)
+    elif p.keep < smallest:
         _fail(f"--config.prune.keep={p.keep} is out of reach for {FLAGS.student}: structured "
               f"pruning keeps at least {smallest:.3f} of its MACs (--config.prune.min_width="
               f"{p.min_width} of every block's units)")
+
+
+def _check_latency_budget(c, dense, size) -> None:
+    """--config.prune.target_ms: the smallest model structured pruning reaches (its widths do
+    not depend on the scores) must run in the budget, timed as the prune stage times its cuts
+    (its int8 file on this host's XNNPACK; about half a minute), before any training."""
+    import tempfile
+
+    import models
+    from compress import structured
+    from experiments.benchmark import int8_latency_ms
+
+    p, e = c.prune, c.export
+    widths = structured.smallest_widths(dense, p.min_width)
+    small = models.create_model(FLAGS.student, num_classes=10, input_size=size, widths=widths)
+    with tempfile.TemporaryDirectory() as tmp:
+        ms = int8_latency_ms(small, os.path.join(tmp, "smallest.int8.tflite"), input_size=size,
+                             threads=p.target_threads, deny_amx=c.benchmark.deny_amx,
+                             xnnpack_friendly=e.xnnpack_friendly, float_layers=e.float_layers)
+    if ms > p.target_ms:
+        _fail(f"--config.prune.target_ms={p.target_ms:g} is out of reach for {FLAGS.student} at "
+              f"{size} px: its smallest structured cut (--config.prune.min_width={p.min_width}) "
+              f"runs in {ms:.2f} ms as int8 on this host's XNNPACK at "
+              f"--config.prune.target_threads={p.target_threads}")
 
 
 def main(argv):

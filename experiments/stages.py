@@ -169,10 +169,14 @@ class Run:
         with self.strategy.scope():
             model = model_fn()
         callbacks = callbacks_fn() if callbacks_fn else []
+        # eval_every > 0: the validation split at eval_size every that many steps (TensorBoard
+        # val/top1 over steps, a progress line); the final evaluation below runs either way.
+        every = int(section.get("eval_every", 0) or 0)
         metrics = training.train(
             model, self._train_ds_factory(sampler, teacher_cache), workdir=str(stage.path),
             logdir=str(self.tb / tb_name), strategy=self.strategy, callbacks=callbacks,
-            checkpoint_every=section.checkpoint_every, **self._optim_kwargs(section))
+            checkpoint_every=section.checkpoint_every, **self._optim_kwargs(section),
+            val_ds=self._val_ds(eval_size) if every else None, eval_every=every or None)
         metrics.update(self._evaluate_and_save(stage.path, model, eval_size,
                                                label_smoothing=section.label_smoothing,
                                                logdir=self.tb / tb_name, step=metrics["step"]))
@@ -403,11 +407,17 @@ class Run:
             size = dense.input_shape[1] or self.export_size
             batches = self._train_ds_factory(self._sampler(
                 None, size=size, batch=p.sampler.base_batch))(0)
-            small, cut = structured.prune_structured(
-                dense, lambda w: self.build_student(training_heads=True,
-                                                    overrides={"widths": w}),
-                keep=p.keep, input_size=size, importance=p.importance, min_width=p.min_width,
-                batches=batches.take(p.score_batches), loss_fn=objective)
+            plan = structured.plan(dense, input_size=size, importance=p.importance,
+                                   min_width=p.min_width, batches=batches.take(p.score_batches),
+                                   loss_fn=objective)
+            keep, budget = p.keep, {}
+            if p.target_ms:
+                keep, budget = self._keep_for_latency(stage, plan, structured.min_keep(
+                    dense, size, p.min_width))
+            small, cut = structured.cut(
+                dense, lambda w: self.build_student(training_heads=True, overrides={"widths": w}),
+                plan, keep=keep, input_size=size)
+            cut.update(budget)
             write_json(cut_path, cut)
             print(f"[prune] structured: {cut['kept_fraction']:.3f} of {cut['dense_macs']:,} "
                   f"MACs kept ({p.importance} importance), widths {cut['widths']}")
@@ -423,6 +433,33 @@ class Run:
         params = int(sum(np.prod(w.shape) for w in distiller.student.trainable_weights))
         stage.finish({**m, "kept_fraction": cut["kept_fraction"], "macs": cut["macs"],
                       "dense_macs": cut["dense_macs"], "params": params})
+
+    def _keep_for_latency(self, stage: StageDir, plan, smallest: float):
+        """`prune.target_ms`: the largest MAC fraction whose cut of `plan`, exported as the
+        export stage's int8 file at its size, runs in the budget on this host's XNNPACK at
+        `prune.target_threads` (compress.structured.keep_for_latency); the probed files stay in
+        prune/latency_probe/. Returns (keep, facts for structured.json)."""
+        from compress import structured
+        from experiments.benchmark import int8_latency_ms
+
+        p, e, size = self.cfg.prune, self.cfg.export, self.export_size
+        probe_dir = stage.path / "latency_probe"
+
+        def latency_of(keep):
+            widths = structured.widths_for(plan, keep)
+            model = self.build_student(size, overrides={"widths": widths})
+            ms = int8_latency_ms(model, str(probe_dir / f"keep{keep:.4f}.int8.tflite"),
+                                 input_size=size, threads=p.target_threads,
+                                 deny_amx=self.cfg.benchmark.deny_amx,
+                                 xnnpack_friendly=e.xnnpack_friendly, float_layers=e.float_layers)
+            print(f"[prune] latency budget {p.target_ms:g} ms: keep {keep:.3f} runs in "
+                  f"{ms:.2f} ms ({p.target_threads} thread(s), int8, {size} px)", flush=True)
+            return ms
+
+        keep, ms, trials = structured.keep_for_latency(latency_of, p.target_ms,
+                                                       lo=min(1.0, smallest + 1e-6))
+        return keep, {"target_ms": p.target_ms, "target_threads": p.target_threads,
+                      "measured_ms": ms, "keep": keep, "latency_probes": trials}
 
     def prune_facts(self, stage_name) -> dict:
         """`prune_method` and `kept_fraction` of a stage's model (results.csv columns): the

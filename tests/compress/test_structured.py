@@ -168,6 +168,38 @@ def test_bad_budgets_and_families_are_refused(xxs):
         st.check_family("mobile_former_26m")
 
 
+def test_one_plan_cuts_to_several_budgets_and_the_smallest_cut_is_score_free(xxs):
+    plan = st.plan(xxs, input_size=S, importance="magnitude")
+    big, small = st.widths_for(plan, 0.9), st.widths_for(plan, 0.6)
+    assert all(b >= s for k in big for b, s in zip(big[k], small[k])) and big != small
+    assert st.widths_for(plan, 1.0) == st.widths_of(plan.groups)
+    # every group at its minimum: the widths of the smallest keep, whatever the scores
+    smallest = st.widths_for(plan, st.min_keep(xxs, S) + 1e-6)
+    assert smallest == st.smallest_widths(xxs)
+    other = st.plan(perturbed("mobilevit_xxs", seed=5), input_size=S, importance="magnitude")
+    assert st.widths_for(other, st.min_keep(xxs, S) + 1e-6) == smallest
+
+
+def test_latency_budget_takes_the_largest_probed_keep_that_meets_it():
+    def latency(keep):  # a step function of the keep, as real widths are
+        calls.append(keep)
+        return 10.0 * round(keep * 20) / 20
+
+    calls = []
+    keep, ms, trials = st.keep_for_latency(latency, 7.0, lo=0.3, probes=6)
+    assert ms <= 7.0 and keep == max(k for k, m in trials if m <= 7.0)
+    assert 0.65 <= keep < 0.725 and len(calls) == 8 == len(trials)  # both ends, then 6 halvings
+    # the dense model meets it: nothing cut, one probe
+    assert st.keep_for_latency(latency, 20.0, lo=0.3)[:2] == (1.0, 10.0)
+    with pytest.raises(ValueError, match=r"target_ms=1: out of reach, the smallest model "
+                                         r"\(keep 0.300 of the MACs\) runs in 3.00 ms"):
+        st.keep_for_latency(latency, 1.0, lo=0.3)
+    # noisy timings that break the order: the answer is still a probed keep that met it
+    noisy = iter([12.0, 5.0, 8.0, 6.9, 7.5, 6.0, 9.0, 7.1])
+    keep, ms, trials = st.keep_for_latency(lambda k: next(noisy), 7.0, lo=0.3, probes=6)
+    assert ms <= 7.0 and (keep, ms) in trials and keep > 0.3
+
+
 @pytest.mark.slow
 def test_int8_export_of_a_cut_model_is_one_xnnpack_partition(xxs, tmp_path):
     from compress.tflite.audit import audit_tflite

@@ -4,7 +4,7 @@ implementation.
   python scripts/bench_train.py [--student=mobilevit_xxs] [--teacher=vit_tiny_patch16]
       [--size=256] [--teacher_size=224] [--batch=32] [--steps=6] [--warmup=3]
       [--precisions=fp32] [--reference=kecam] [--xla] [--device=cpu|gpu] [--data=DIR]
-      [--pipeline_steps=8] [--skip_pipeline | --only_pipeline] [--deterministic]
+      [--pipeline_steps=8] [--skip_pipeline | --only_pipeline | --per_resolution] [--deterministic]
 
 Part 1: one training step (forward, backward, AdamW) of the student at `--size` x `--batch`,
 labels-only and with a frozen ViT teacher at `--teacher_size` (soft distillation), on in-memory
@@ -38,6 +38,8 @@ import pathlib
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -186,6 +188,34 @@ def part2(args, student_name: str) -> list[tuple] | None:
     return rows, epoch_images
 
 
+def part_per_resolution(args, student_name: str):
+    """Steady-state seconds per step at each (size, batch) pair of the multi-scale sampler, and
+    at fixed 256: every pair timed alone after its own warm-up (a new shape's tracing and
+    oneDNN set-up are not counted), fed by the real pipeline. The sampler picks a pair
+    uniformly per step, so a multi-scale epoch of N images takes N * mean(t) / mean(batch)."""
+    from experiments import data as ip
+
+    precision = None if args.pipeline_precision == "fp32" else args.pipeline_precision
+    source = ip.load_source(str(args.data), "train", limit_per_class=args.limit_per_class)
+    epoch_images = ip.load_source(str(args.data), "train", verify=False).num_examples
+    multi = ip.MultiScaleSampler(base_size=256, base_batch=args.batch)
+    rows = []
+    for size, batch in multi.pairs:  # the 256-px pair is the fixed-256 sampler's step
+        keras.backend.clear_session()
+        set_mixed_precision(precision)
+        student = models.create_model(student_name, num_classes=source.num_classes)
+        sampler = ip.MultiScaleSampler.fixed(size, batch)
+        ips = run(student, lambda step: ip.train_dataset(source, sampler, start_step=step),
+                  args.pipeline_steps, args.warmup, precision).mean()
+        rows.append((size, batch, batch / ips, ips))
+        print(f"  {size} px x {batch}: {batch / ips:.2f} s/step, {ips:.1f} img/s", flush=True)
+    set_mixed_precision(None)
+    fixed = next(r for r in rows if r[0] == 256)
+    t_multi = epoch_images * np.mean([r[2] for r in rows]) / np.mean([r[1] for r in rows])
+    t_fixed = epoch_images * fixed[2] / fixed[1]
+    return rows, epoch_images, t_multi, t_fixed
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--student", default="mobilevit_xxs")
@@ -211,6 +241,9 @@ def main(argv=None):
     p.add_argument("--deterministic", action="store_true",
                    help="seed and turn TF op determinism on (compress.training.set_seed)")
     p.add_argument("--only_pipeline", action="store_true", help="part 2 alone")
+    p.add_argument("--per_resolution", action="store_true",
+                   help="part 2 as a steady-state profile: each multi-scale (size, batch) pair "
+                        "timed alone after its own warm-up (implies --only_pipeline)")
     p.add_argument("--rounds", type=int, default=1,
                    help="part 2: interleaved rounds of both samplers; the median is shown")
     args = p.parse_args(argv)
@@ -236,7 +269,7 @@ def main(argv=None):
           f"steps after {args.warmup} untimed"
           f"{', op determinism on' if args.deterministic else ''}", flush=True)
 
-    if not args.only_pipeline:
+    if not args.only_pipeline and not args.per_resolution:
         rows = part1(args, student)
         ref = args.reference
         print(f"\n| step | precision | student px | teacher px | ours img/s | {ref} img/s | "
@@ -249,7 +282,17 @@ def main(argv=None):
             print(f"\nXLA, our fp32 distillation step: jit_compile=False {off:.1f} img/s, "
                   f"jit_compile=True {on:.1f} img/s (on / off {on / off:.2f})")
 
-    if not args.skip_pipeline:
+    if args.per_resolution:
+        rows3, epoch_images, t_multi, t_fixed = part_per_resolution(args, student)
+        print(f"\nlabels-only {student}, each multi-scale (size, batch) pair timed alone "
+              f"({args.pipeline_steps} steps after {args.warmup} untimed at that shape); "
+              f"epoch = {epoch_images} images\n"
+              "| size | batch | s/step | img/s | s per Mpixel |\n|---|---|---|---|---|")
+        for size, batch, t, ips in rows3:
+            print(f"| {size} | {batch} | {t:.3f} | {ips:.1f} | {t / (size * size * batch / 1e6):.3f} |")
+        print(f"steady-state epoch: multi-scale {t_multi / 60:.1f} min, fixed 256 "
+              f"{t_fixed / 60:.1f} min: multi-scale {t_fixed / t_multi:.2f}x faster")
+    if not args.skip_pipeline and not args.per_resolution:
         out = part2(args, student)
         if out:
             rows2, epoch_images = out

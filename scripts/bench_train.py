@@ -151,31 +151,47 @@ def part_xla(args, student_name: str) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def part2(args, student_name: str) -> list[tuple] | None:
+def pipeline_source(args, what: str):
+    """(experiments.data, the train source limited to `--limit_per_class`, the split's image
+    count), or None after printing why `what` is skipped (no data, or the pipeline not
+    importable)."""
     try:
         from experiments import data as ip
     except ImportError as e:
-        print(f"\nskipping the multi-scale vs fixed-256 comparison: {e}")
+        print(f"\nskipping {what}: {e}")
         return None
     if not pathlib.Path(args.data, "train").is_dir():
-        print(f"\nskipping the multi-scale vs fixed-256 comparison: no data at {args.data}")
+        print(f"\nskipping {what}: no data at {args.data}")
         return None
-    precision = args.pipeline_precision
     source = ip.load_source(str(args.data), "train", limit_per_class=args.limit_per_class)
     epoch_images = ip.load_source(str(args.data), "train", verify=False).num_examples
+    return ip, source, epoch_images
+
+
+def pipeline_rate(args, student_name: str, ip, source, sampler) -> float:
+    """Images/s of a fresh labels-only student fed by the real pipeline through `sampler`, over
+    `--pipeline_steps` steps after `--warmup` untimed ones."""
+    precision = None if args.pipeline_precision == "fp32" else args.pipeline_precision
+    keras.backend.clear_session()
+    set_mixed_precision(precision)
+    student = models.create_model(student_name, num_classes=source.num_classes)
+    return run(student, lambda step: ip.train_dataset(source, sampler, start_step=step),
+               args.pipeline_steps, args.warmup, precision).mean()
+
+
+def part2(args, student_name: str) -> tuple[list[tuple], int] | None:
+    got = pipeline_source(args, "the multi-scale vs fixed-256 comparison")
+    if got is None:
+        return None
+    ip, source, epoch_images = got
     samplers = {"multi-scale 160-320": ip.MultiScaleSampler(base_size=256, base_batch=args.batch),
                 "fixed 256": ip.MultiScaleSampler.fixed(256, args.batch)}
     rates = {label: [] for label in samplers}
     walls = dict.fromkeys(samplers, 0.0)
     for _ in range(args.rounds):  # interleaved: a shared machine's load drifts
         for label, sampler in samplers.items():
-            keras.backend.clear_session()
-            set_mixed_precision(None if precision == "fp32" else precision)
-            student = models.create_model(student_name, num_classes=source.num_classes)
             t0 = time.perf_counter()
-            ips = run(student, lambda step: ip.train_dataset(source, sampler, start_step=step),
-                      args.pipeline_steps, args.warmup,
-                      None if precision == "fp32" else precision).mean()
+            ips = pipeline_rate(args, student_name, ip, source, sampler)
             rates[label].append(ips)
             walls[label] += time.perf_counter() - t0
             print(f"  {label}: {ips:.1f} img/s", flush=True)
@@ -183,30 +199,24 @@ def part2(args, student_name: str) -> list[tuple] | None:
     rows = []
     for label, sampler in samplers.items():
         ips = sorted(rates[label])[len(rates[label]) // 2]
-        rows.append((label, precision, str(sampler.pairs), ips, epoch_images / ips / 60,
-                     walls[label]))
+        rows.append((label, args.pipeline_precision, str(sampler.pairs), ips,
+                     epoch_images / ips / 60, walls[label]))
     return rows, epoch_images
 
 
 def part_per_resolution(args, student_name: str):
-    """Steady-state seconds per step at each (size, batch) pair of the multi-scale sampler, and
-    at fixed 256: every pair timed alone after its own warm-up (a new shape's tracing and
-    oneDNN set-up are not counted), fed by the real pipeline. The sampler picks a pair
-    uniformly per step, so a multi-scale epoch of N images takes N * mean(t) / mean(batch)."""
-    from experiments import data as ip
-
-    precision = None if args.pipeline_precision == "fp32" else args.pipeline_precision
-    source = ip.load_source(str(args.data), "train", limit_per_class=args.limit_per_class)
-    epoch_images = ip.load_source(str(args.data), "train", verify=False).num_examples
-    multi = ip.MultiScaleSampler(base_size=256, base_batch=args.batch)
+    """Steady-state seconds per step at each (size, batch) pair of the multi-scale sampler, every
+    pair timed alone after its own warm-up (a new shape's tracing and oneDNN set-up are not
+    counted), fed by the real pipeline; the 256-px pair is the fixed-256 sampler's step. The
+    sampler picks a pair uniformly per step, so a multi-scale epoch of N images takes
+    N * mean(t) / mean(batch). None when there is no data."""
+    got = pipeline_source(args, "the per-resolution profile")
+    if got is None:
+        return None
+    ip, source, epoch_images = got
     rows = []
-    for size, batch in multi.pairs:  # the 256-px pair is the fixed-256 sampler's step
-        keras.backend.clear_session()
-        set_mixed_precision(precision)
-        student = models.create_model(student_name, num_classes=source.num_classes)
-        sampler = ip.MultiScaleSampler.fixed(size, batch)
-        ips = run(student, lambda step: ip.train_dataset(source, sampler, start_step=step),
-                  args.pipeline_steps, args.warmup, precision).mean()
+    for size, batch in ip.MultiScaleSampler(base_size=256, base_batch=args.batch).pairs:
+        ips = pipeline_rate(args, student_name, ip, source, ip.MultiScaleSampler.fixed(size, batch))
         rows.append((size, batch, batch / ips, ips))
         print(f"  {size} px x {batch}: {batch / ips:.2f} s/step, {ips:.1f} img/s", flush=True)
     set_mixed_precision(None)
@@ -282,8 +292,9 @@ def main(argv=None):
             print(f"\nXLA, our fp32 distillation step: jit_compile=False {off:.1f} img/s, "
                   f"jit_compile=True {on:.1f} img/s (on / off {on / off:.2f})")
 
-    if args.per_resolution:
-        rows3, epoch_images, t_multi, t_fixed = part_per_resolution(args, student)
+    out = part_per_resolution(args, student) if args.per_resolution else None
+    if out:
+        rows3, epoch_images, t_multi, t_fixed = out
         print(f"\nlabels-only {student}, each multi-scale (size, batch) pair timed alone "
               f"({args.pipeline_steps} steps after {args.warmup} untimed at that shape); "
               f"epoch = {epoch_images} images\n"

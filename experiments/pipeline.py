@@ -138,6 +138,9 @@ def validate_flags() -> None:
                      teacher_divisor=teacher_divisor)
     if problems:
         _fail(problems[0])
+    if info.fixed_size and FLAGS.export_size not in (None, info.default_size):
+        _fail(f"--export_size: {FLAGS.student} is built for {info.default_size} px only (its "
+              f"attention biases are tied to the token grid); accepted: {info.default_size}")
     if FLAGS.export_size is not None and (FLAGS.export_size <= 0 or
                                           FLAGS.export_size % info.size_divisor):
         _fail(f"--export_size: {FLAGS.export_size} is not a positive multiple of "

@@ -46,7 +46,9 @@ class Run:
         self.cfg = config
         self.overwrite = overwrite
         self.info = models.get_model_info(student)
-        self.export_size = export_size or config.export.size or self.info.default_size
+        # a fixed-size student (EfficientFormer) is trained, evaluated and exported at its size
+        self.export_size = (self.info.default_size if self.info.fixed_size else
+                            export_size or config.export.size or self.info.default_size)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tb = self.workdir / "tb"
         d = config.data
@@ -108,6 +110,13 @@ class Run:
         if size is not None:
             return MultiScaleSampler.fixed(size, batch, num_replicas=self.replicas)
         s = section.sampler
+        if self.info.fixed_size:
+            # EfficientFormer: the training graph is built at one size (its attention biases
+            # are tied to the token grid), so every batch comes at that size, with the batch
+            # that keeps the sampler's pixels per batch (base_size^2 x base_batch)
+            return MultiScaleSampler(sizes=[self.info.default_size], base_size=s.base_size,
+                                     base_batch=s.base_batch, seed=self.cfg.seed,
+                                     num_replicas=self.replicas)
         if not s.multiscale:
             return MultiScaleSampler.fixed(s.base_size, s.base_batch, num_replicas=self.replicas)
         return MultiScaleSampler(min_size=s.min_size, max_size=s.max_size, n_scales=s.n_scales,

@@ -71,6 +71,7 @@ CASES = [
     ("runs", {"config.benchmark.runs": "0"}, r"--config.benchmark.runs: 0 is not accepted; accepted: an integer >= 1", {}),
     ("delegate", {"config.benchmark.delegates": "('gpu',)"}, r"--config.benchmark.delegates\[0\]: 'gpu' is not accepted", {}),
     ("format", {"config.export.formats.qat": "('int4',)"}, r"--config.export.formats.qat\[0\]: 'int4' is not accepted", {}),
+    ("export_size_fixed_student", {"student": "efficientformer_l1", "export_size": "256"}, r"--export_size: efficientformer_l1 is built for 224 px only .*; accepted: 224", {}),
     ("export_size_config", {"config.export.size": "100"}, r"--config.export.size: 100 is not accepted; accepted: 0 .* or a positive multiple of 32", {}),
     ("representative", {"config.export.representative_images": "0"}, r"--config.export.representative_images: 0 is not accepted", {}),
     ("crop_pct", {"config.data.crop_pct": "0.0"}, r"--config.data.crop_pct: 0.0 is not accepted; accepted: a number in \(0, 1\]", {}),

@@ -406,3 +406,23 @@ def test_mirrored_strategy_splits_each_batch_evenly(folder):
     out = subprocess.run([sys.executable, "-c", _MIRRORED, str(folder)], cwd=root, timeout=300,
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_fixed_size_student_trains_and_exports_at_its_size(folder, tmp_path):
+    """EfficientFormer's training graph is built at 224 (attention biases tied to the grid): the
+    student sections' samplers give 224 px batches with the sampler's pixel budget, and every
+    evaluation and export is at 224 (a multi-scale batch crashed its distill stage before)."""
+    from experiments.configs import get_config
+    from experiments.stages import Run
+
+    c = get_config("quick")
+    run = Run(student="efficientformer_l1", teacher="vit_tiny_patch16", data=str(folder),
+              workdir=tmp_path / "ef", config=c, export_size=64)
+    s = c.distill.sampler
+    batch = round(s.base_batch * s.base_size**2 / 224**2)
+    for section in (c.distill, c.prune, c.qat):
+        assert run._sampler(section).pairs == [(224, batch)]
+    assert run.export_size == 224
+    xxs = Run(student="mobilevit_xxs", teacher="vit_tiny_patch16", data=str(folder),
+              workdir=tmp_path / "xxs", config=c)
+    assert len(xxs._sampler(c.distill).pairs) == s.n_scales  # the multi-scale sampler as is

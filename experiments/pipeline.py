@@ -239,8 +239,7 @@ def _validate_structured(c, info) -> None:
         _fail(f"--config.prune.method=structured: {e}")
     # the MACs are counted at the size the stage counts them: the training model's fixed size,
     # else the export size
-    size = info.default_size if info.fixed_size else (FLAGS.export_size or c.export.size or
-                                                      info.default_size)
+    size = info.input_size(FLAGS.export_size, c.export.size)
     dense = models.create_model(FLAGS.student, num_classes=10, input_size=size)
     smallest = structured.min_keep(dense, size, p.min_width)
     if p.target_ms:

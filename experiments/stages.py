@@ -47,8 +47,7 @@ class Run:
         self.overwrite = overwrite
         self.info = models.get_model_info(student)
         # a fixed-size student (EfficientFormer) is trained, evaluated and exported at its size
-        self.export_size = (self.info.default_size if self.info.fixed_size else
-                            export_size or config.export.size or self.info.default_size)
+        self.export_size = self.info.input_size(export_size, config.export.size)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tb = self.workdir / "tb"
         d = config.data

@@ -33,6 +33,13 @@ class ModelInfo:
     role: str  # "student" or "teacher"
     builder: Callable = dataclasses.field(repr=False, compare=False, default=None)
 
+    def input_size(self, *requested: int | None) -> int:
+        """The size a pipeline builds, trains at and exports: `default_size` for a fixed-size
+        model, else the first of `requested` that is set (flag, then config), else the default."""
+        if self.fixed_size:
+            return self.default_size
+        return next((s for s in requested if s), self.default_size)
+
 
 _REGISTRY: dict[str, ModelInfo] = {}
 _loaded = False

@@ -31,3 +31,13 @@ def test_model_info_fields():
     info = models.get_model_info("vit_small_patch16")
     assert (info.params, info.default_size, info.size_divisor) == (22_050_664, 224, 16)
     assert info.role == "teacher" and info.family == "vit" and info.fixed_size is False
+
+
+def test_input_size_rule_fixed_size_models_ignore_requests():
+    # the one rule the pipeline's stages and its up-front MAC check share
+    flexible = models.get_model_info("mobilevit_xxs")
+    assert flexible.input_size(None, 0) == flexible.default_size == 256
+    assert flexible.input_size(None, 192) == 192  # config only
+    assert flexible.input_size(160, 192) == 160  # the flag wins over the config
+    fixed = models.get_model_info("efficientformer_l1")
+    assert fixed.fixed_size and fixed.input_size(160, 192) == fixed.default_size == 224

@@ -8,10 +8,22 @@ removes units, so the result is a thinner dense model, a registered variant rebu
   * `expand`: the hidden (expansion) channels of MobileViT's inverted residuals: the 1x1 expand
     conv's outputs, its BN, the depthwise conv and its BN, and the project conv's inputs. The
     block's input and output widths (its interface, residuals included) do not change.
+    Mobile-Former's `DnaBlock`s the same way (1x1 conv1, dw conv2, 1x1 conv3), with both
+    dynamic ReLUs' slopes (their hyper MLP's `fc2` outputs [a1 | a2], two columns a channel).
   * `heads`: attention heads of every transformer block (MobileViT's, EfficientFormer's Meta3D),
     head dim unchanged: q, k, v columns of the head (and its row of EfficientFormer's bias
     table) and the projection's rows.
-  * `mlp`: MLP hidden units of every transformer block and of EfficientFormer's Meta4D conv MLPs.
+  * `mlp`: MLP hidden units of every transformer block (Mobile-Former's Former FFN included) and
+    of EfficientFormer's Meta4D conv MLPs.
+
+Not removed, Mobile-Former: the Former's heads (its keys and values are the token stream itself,
+no projection: a head's channels are residual-stream channels, so dropping a head needs a new
+projection of the stream, d x d' MACs a token against the 2 d x (d - d') the head's q columns
+and projection rows save: a loss until more than a third of the heads go; the Former's attention
+is 1.6% of mobile_former_52m's MACs at 224 px, 1.7% of 294M's, 3.3% of 26M's); the bridges' heads (the same: their keys and
+values, or queries, are the raw feature map); `DnaBlock3`'s expansions (depthwise channel
+multipliers: a channel cannot go alone); 26M's grouped 1x1 convs (channels interleaved by the
+shuffles). So only `mlp` is cut in mobile_former_26m.
 
 Importance (`importance=`), per unit:
   * `taylor` (default): Molchanov et al. 2019 ("Importance Estimation for Neural Network
@@ -57,7 +69,7 @@ import numpy as np
 from models.compat import keras, tf
 
 METHODS = ("magnitude", "structured")  # prune.method: compress.prune masks, or this module
-FAMILIES = ("mobilevit", "efficientformer")
+FAMILIES = ("mobilevit", "efficientformer", "mobile_former")
 IMPORTANCE = ("taylor", "magnitude")
 CHANNEL_GRANULARITY = 8
 MIN_WIDTH = 0.25  # default fraction of every group's units that stays (module doc)
@@ -75,6 +87,9 @@ class Group:
     extra: list  # weightless layers whose MACs scale with the units (q.kT, attn.v)
     granularity: int
     minimum: int
+    # producers whose outputs are several copies of the unit axis one after another (a dynamic
+    # ReLU's hyper MLP gives [a1 | a2]: unit c is columns c and units + c)
+    stacked: list = dataclasses.field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -86,8 +101,8 @@ def check_family(name: str) -> None:
     import models
 
     if models.get_model_info(name).family not in FAMILIES:
-        raise ValueError(f"structured pruning supports mobilevit_*, efficientformer_*; not "
-                         f"{name} ({models.get_model_info(name).family}_*) yet")
+        raise ValueError(f"structured pruning supports {', '.join(f + '_*' for f in FAMILIES)}; "
+                         f"not {name} ({models.get_model_info(name).family}_*) yet")
 
 
 def _numbers(name: str) -> tuple:
@@ -95,16 +110,27 @@ def _numbers(name: str) -> tuple:
 
 
 def unit_groups(model: keras.Model, min_width: float = MIN_WIDTH) -> list[Group]:
-    """The prunable groups of a MobileViT / EfficientFormer model, in `widths` order; each
-    keeps at least `min_width` of its units (rounded up to whole chunks, at least one)."""
+    """The prunable groups of a MobileViT / EfficientFormer / Mobile-Former model, in `widths`
+    order; each keeps at least `min_width` of its units (rounded up to whole chunks, at least
+    one)."""
     names = {layer.name for layer in model.layers}
-    found = []
+    found, stacked = [], []
     for n in sorted(names):
         if m := re.fullmatch(r"(.+)_expand_conv", n):
             p = m[1]
             found.append(("expand", p, [f"{p}_expand_conv", f"{p}_expand_bn", f"{p}_dw_conv",
                                         f"{p}_dw_bn"], [f"{p}_project_conv"], [],
                           CHANNEL_GRANULARITY))
+        elif ((m := re.fullmatch(r"(block\d+)_conv1", n)) and f"{m[1]}_hyper2_fc2" in names
+              and f"{m[1]}_conv4" not in names
+              and type(model.get_layer(n)) is keras.layers.Conv2D):
+            p = m[1]  # Mobile-Former DnaBlock, ungrouped (module doc)
+            found.append(("expand", p, [f"{p}_conv1", f"{p}_conv1_bn", f"{p}_hyper1_fc2",
+                                        f"{p}_conv2", f"{p}_conv2_bn", f"{p}_hyper2_fc2"],
+                          [f"{p}_conv3"], [], CHANNEL_GRANULARITY))
+            stacked += [f"{p}_hyper1_fc2", f"{p}_hyper2_fc2"]
+        elif m := re.fullmatch(r"(.+)_ffn_fc1", n):
+            found.append(("mlp", m[1], [n], [f"{m[1]}_ffn_fc2"], [], CHANNEL_GRANULARITY))
         elif m := re.fullmatch(r"(.+)_attn_q", n):
             p = f"{m[1]}_attn"
             producers = [f"{p}_q", f"{p}_k", f"{p}_v"] + [f"{p}_bias"] * (f"{p}_bias" in names)
@@ -122,7 +148,8 @@ def unit_groups(model: keras.Model, min_width: float = MIN_WIDTH) -> list[Group]
             units = _channels(model.get_layer(producers[0]))
         minimum = max(1, -(-int(min_width * units) // gran)) * gran
         groups.append(Group(key, counts.get(key, 0), int(units), producers, consumers, extra,
-                            gran, min(minimum, int(units))))
+                            gran, min(minimum, int(units)),
+                            [p for p in producers if p in stacked]))
         counts[key] = counts.get(key, 0) + 1
     return groups
 
@@ -315,9 +342,11 @@ def transfer(src: keras.Model, dst: keras.Model, groups: list[Group], kept: dict
     of every group and every other weight as is."""
     slices: dict[str, list] = {}  # layer -> [(weight index, axis, channels)]
 
-    def channels(n, g):
+    def channels(n, g, stacked=False):
         per = n // g.units
         idx = np.asarray(kept[g.name])
+        if stacked:  # `per` copies of the unit axis one after another
+            return (np.arange(per)[:, None] * g.units + idx).ravel()
         return (idx[:, None] * per + np.arange(per)).ravel()
 
     for g in groups:
@@ -325,7 +354,8 @@ def transfer(src: keras.Model, dst: keras.Model, groups: list[Group], kept: dict
             layer = src.get_layer(name)
             for i, w in enumerate(layer.weights):
                 axis = _out_axis(layer, i)
-                slices.setdefault(name, []).append((i, axis, channels(w.shape[axis], g)))
+                slices.setdefault(name, []).append(
+                    (i, axis, channels(w.shape[axis], g, name in g.stacked)))
         for name in g.consumers:
             w = src.get_layer(name).weights[0]
             slices.setdefault(name, []).append((0, len(w.shape) - 2,

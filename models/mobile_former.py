@@ -55,7 +55,7 @@ import numpy as np
 from models.compat import keras, tf
 from models.layers import (CUSTOM_OBJECTS, AxisSoftmax, MatMul, Scale, merge_heads,
                            split_heads)
-from models.registry import register_model
+from models.registry import register_model, resolve_widths
 from models.vit import TakeToken
 
 BN_EPS = 1e-5
@@ -461,14 +461,15 @@ def mobile_to_former(x, z, *, heads: int = BRIDGE_HEADS, name: str):
     return keras.layers.LayerNormalization(epsilon=LN_EPS, name=f"{name}_ln")(z)
 
 
-def former(z, *, heads: int = FORMER_HEADS, ffn_ratio: int = FFN_RATIO, name: str):
+def former(z, *, heads: int = FORMER_HEADS, ffn: int | None = None, name: str):
     """The Former (`GlobalBlock`, 'attn', FFN, post-LN) on the tokens [B, T, d].
 
     q = Dense(d)(z); keys = values = z (no projections), `heads` heads of d/heads, scale
     (d/heads)^-0.5; z = LN(z + Dense(d)(attn_out)); z = LN(z + FFN(z)),
-    FFN = Dense(ffn_ratio*d) -> GELU (exact) -> Dense(d).
+    FFN = Dense(ffn) -> GELU (exact) -> Dense(d), ffn = FFN_RATIO * d in the reference.
     """
     dim = z.shape[-1]
+    ffn = ffn or dim * FFN_RATIO
     q = _dense(dim, f"{name}_q")(z)
     q = split_heads(q, heads=heads, name=f"{name}_q_heads")
     q = Scale((dim // heads) ** -0.5, name=f"{name}_scale")(q)
@@ -480,7 +481,7 @@ def former(z, *, heads: int = FORMER_HEADS, ffn_ratio: int = FFN_RATIO, name: st
     out = _dense(dim, f"{name}_proj")(out)
     z = keras.layers.Add(name=f"{name}_add1")([z, out])
     z = keras.layers.LayerNormalization(epsilon=LN_EPS, name=f"{name}_ln1")(z)
-    y = _dense(dim * ffn_ratio, f"{name}_ffn_fc1")(z)
+    y = _dense(ffn, f"{name}_ffn_fc1")(z)
     y = keras.layers.Activation("gelu", name=f"{name}_ffn_gelu")(y)
     y = _dense(dim, f"{name}_ffn_fc2")(y)
     z = keras.layers.Add(name=f"{name}_add2")([z, y])
@@ -545,22 +546,23 @@ def _conv_alone(x, out: int, *, stride: int, e1: int, groups: int, name: str):
     return y
 
 
-def _token_update(x, z, *, name: str):
+def _token_update(x, z, *, ffn: int | None, name: str):
     z = mobile_to_former(x, z, name=f"{name}_l2g")
-    z = former(z, name=f"{name}_former")
+    z = former(z, ffn=ffn, name=f"{name}_former")
     return z, TakeToken(0, name=f"{name}_token0")(z)
 
 
-def dna_block(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1, name: str):
+def dna_block(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1,
+              hidden: int | None = None, ffn: int | None = None, name: str):
     """`DnaBlock` (gbr_before_skip=False): tokens <- Former(Mobile->Former(x, tokens));
-    1x1 (xe1, grouped) + BN [+ shuffle] -> DyReLU(hyper1) -> dw 3x3 (stride) + BN ->
-    DyReLU(hyper2) -> 1x1 (grouped) + BN [+ shuffle]; + x if stride 1 and same width;
-    then Former->Mobile. Returns (x, z)."""
+    1x1 (`hidden` = x e1 in the reference, grouped) + BN [+ shuffle] -> DyReLU(hyper1) ->
+    dw 3x3 (stride) + BN -> DyReLU(hyper2) -> 1x1 (grouped) + BN [+ shuffle]; + x if stride 1
+    and same width; then Former->Mobile. `ffn`: the Former's FFN width. Returns (x, z)."""
     inp = x.shape[-1]
     if e1 == 1 or e2 == 0:
         return _conv_alone(x, out, stride=stride, e1=e1, groups=groups, name=name), z
-    z, t0 = _token_update(x, z, name=name)
-    hidden = round(inp * e1)
+    z, t0 = _token_update(x, z, ffn=ffn, name=name)
+    hidden = hidden or round(inp * e1)
     y = pointwise_conv_bn(x, hidden, groups=groups, name=f"{name}_conv1")
     if groups > 1:
         y = ChannelShuffle(groups, name=f"{name}_conv1_shuffle")(y)
@@ -575,7 +577,8 @@ def dna_block(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1,
     return former_to_mobile(y, z, name=f"{name}_g2l"), z
 
 
-def dna_block3(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1, name: str):
+def dna_block3(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1,
+               hidden: int | None = None, ffn: int | None = None, name: str):
     """`DnaBlock3`: tokens <- Former(Mobile->Former(x, tokens));
     dw 3x3 xe1 (stride) + BN [+ shuffle(in)] -> DyReLU(hyper1) -> 1x1 -> out + BN (= skip) ->
     dw 3x3 xe2 + BN [+ shuffle(out)] -> DyReLU(hyper3) -> 1x1 -> out + BN, + skip;
@@ -583,7 +586,9 @@ def dna_block3(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1
     inp = x.shape[-1]
     if e1 == 1 or e2 == 0:
         return _conv_alone(x, out, stride=stride, e1=e1, groups=groups, name=name), z
-    z, t0 = _token_update(x, z, name=name)
+    # `hidden` is not used: this block's expansions are depthwise channel multipliers, which
+    # cannot lose single channels (compress/structured.py)
+    z, t0 = _token_update(x, z, ffn=ffn, name=name)
     y = depthwise_conv_bn(x, multiplier=e1, stride=stride, name=f"{name}_conv1")
     if groups > 1:
         y = ChannelShuffle(inp, name=f"{name}_conv1_shuffle")(y)
@@ -641,6 +646,22 @@ _CFGS = {
 }
 
 
+def default_widths(*, rows, stem: int, groups: int, token_dim: int, **_) -> dict:
+    """The reference's widths in the `widths=` format of `build_mobile_former`, in block order:
+    `expand`, the hidden channels of every `DnaBlock` with ungrouped 1x1 convs (the 1x1
+    expansion, its dynamic ReLUs and depthwise conv; DnaBlock3's expansions are depthwise
+    channel multipliers, and 26M's grouped convs interleave their channels, so neither is
+    listed), and `mlp`, the FFN width of every Former."""
+    expand, mlp, inp = [], [], stem
+    for kind, e1, out, _, e2 in rows:
+        if not (e1 == 1 or e2 == 0):
+            mlp.append(token_dim * FFN_RATIO)
+            if kind == "D" and groups == 1:
+                expand.append(round(inp * e1))
+        inp = out
+    return dict(expand=expand, mlp=mlp)
+
+
 def build_mobile_former(
     *,
     rows,
@@ -652,10 +673,19 @@ def build_mobile_former(
     num_classes: int = 1000,
     input_size: int | None = None,
     dropout: float = 0.0,
+    widths: dict | None = None,
     name: str = "mobile_former",
 ) -> keras.Model:
     """A Mobile-Former classifier (logits). Input: RGB images [B, S, S, 3], S a multiple of 32,
-    normalised as the caller's preprocessing decides (the reference uses ImageNet mean/std)."""
+    normalised as the caller's preprocessing decides (the reference uses ImageNet mean/std).
+
+    widths: a thinner model of the same layout and layer names (structured pruning,
+      `compress/structured.py`): a dict of lists as `default_widths` returns, a key left out
+      keeping the reference's widths. None builds the reference model.
+    """
+    w = resolve_widths(widths, default_widths(rows=rows, stem=stem, groups=groups,
+                                              token_dim=token_dim), name)
+    expand, mlp = iter(w["expand"]), iter(w["mlp"])
     shape = (input_size, input_size, 3) if input_size else (None, None, 3)
     inputs = keras.Input(shape, name="image")
     z = GlobalTokens(tokens, token_dim, name="tokens")(inputs)
@@ -666,7 +696,10 @@ def build_mobile_former(
     x = keras.layers.ReLU(max_value=6.0, name="stem_relu6")(x)
     for i, (kind, e1, out, stride, e2) in enumerate(rows, start=1):
         block = dna_block3 if kind == "3" else dna_block
-        x, z = block(x, z, out=out, stride=stride, e1=e1, e2=e2, groups=groups, name=f"block{i}")
+        former_block = not (e1 == 1 or e2 == 0)
+        hidden = next(expand) if former_block and kind == "D" and groups == 1 else None
+        x, z = block(x, z, out=out, stride=stride, e1=e1, e2=e2, groups=groups, hidden=hidden,
+                     ffn=next(mlp) if former_block else None, name=f"block{i}")
     z = mobile_to_former(x, z, name="final_l2g")
 
     # MergeClassifier (last_act 'relu', cls_token_num 1)

@@ -45,7 +45,7 @@ def images():
     return np.random.default_rng(1).random((2, S, S, 3)).astype("float32")
 
 
-@pytest.mark.parametrize("name", ["mobilevit_xxs", "efficientformer_l1"])
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "efficientformer_l1", "mobile_former_52m"])
 def test_default_widths_build_todays_model(name):
     """widths=None and the reference's widths written out build the same layers and weights."""
     keras.backend.clear_session()
@@ -78,7 +78,7 @@ def test_nothing_removed_gives_identical_logits(xxs, images):
     np.testing.assert_array_equal(small(images).numpy(), xxs(images).numpy())
 
 
-@pytest.mark.parametrize("name", ["mobilevit_xxs", "efficientformer_l1"])
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "efficientformer_l1", "mobile_former_52m"])
 def test_units_with_zero_outgoing_weights_are_removed_exactly(name, images):
     """Zero the consumer rows of some units of every group; cutting exactly those units leaves
     the logits unchanged, and the Taylor score of those units is zero."""
@@ -164,8 +164,9 @@ def test_bad_budgets_and_families_are_refused(xxs):
         st.prune_structured(xxs, rebuild("mobilevit_xxs"), keep=0.2, input_size=S,
                             importance="magnitude")
     with pytest.raises(ValueError, match="structured pruning supports mobilevit_\\*, "
-                                         "efficientformer_\\*; not mobile_former_26m"):
-        st.check_family("mobile_former_26m")
+                                         "efficientformer_\\*, mobile_former_\\*; not "
+                                         "vit_tiny_patch16"):
+        st.check_family("vit_tiny_patch16")
 
 
 def test_one_plan_cuts_to_several_budgets_and_the_smallest_cut_is_score_free(xxs):
@@ -201,15 +202,24 @@ def test_latency_budget_takes_the_largest_probed_keep_that_meets_it():
 
 
 @pytest.mark.slow
-def test_int8_export_of_a_cut_model_is_one_xnnpack_partition(xxs, tmp_path):
+@pytest.mark.parametrize("name,keep", [("mobilevit_xxs", 0.6), ("mobile_former_52m", 0.75)])
+def test_int8_export_of_a_cut_model_is_one_xnnpack_partition(name, keep, tmp_path):
+    """The cut file takes the dense file's fast path: one partition, the same float ops (none
+    in MobileViT; Mobile-Former's stride-2 channel-multiplier depthwise convs stay float)."""
     from compress.tflite.audit import audit_tflite
     from compress.tflite.convert import export_tflite
 
-    small, _ = st.prune_structured(xxs, rebuild("mobilevit_xxs"), keep=0.6, input_size=S,
+    dense = perturbed(name)
+    small, _ = st.prune_structured(dense, rebuild(name), keep=keep, input_size=S,
                                    importance="magnitude")
     rep = np.random.default_rng(4).random((8, S, S, 3)).astype("float32")
-    path = tmp_path / "cut.int8.tflite"
-    export_tflite(small, path, fmt="int8", input_size=S, representative=rep)
-    audit = audit_tflite(str(path))
-    assert audit["partitions"] == 1 and audit["undelegated_ops"] == {}
-    assert audit["float_heavy_ops"] == 0
+    audits = []
+    for tag, model in (("dense", dense), ("cut", small)):
+        path = tmp_path / f"{tag}.int8.tflite"
+        export_tflite(model, path, fmt="int8", input_size=S, representative=rep)
+        audits.append(audit_tflite(str(path)))
+    full, cut = audits
+    assert cut["partitions"] == 1 and cut["undelegated_ops"] == {}
+    assert cut["float_heavy_by_op"] == full["float_heavy_by_op"]
+    assert cut["float_heavy_ops"] == (4 if name.startswith("mobile_former") else 0)
+    assert cut["size_bytes"] < full["size_bytes"]

@@ -191,16 +191,23 @@ def validate_flags() -> None:
 
 
 def open_workdir(path: str) -> int:
-    """Create --workdir and lock it for this run (workdir.lock_workdir); one line on failure."""
-    from experiments.workdir import WorkdirLocked, lock_workdir
+    """Create --workdir and lock it for this run (workdir.lock_workdir; a multi-worker run's
+    tasks other than the chief each take their own lock: workdir.lock_name); one line on
+    failure."""
+    from experiments.workdir import WorkdirLocked, lock_name, lock_workdir
 
     p = pathlib.Path(path)
     if p.exists() and not p.is_dir():
         _fail(f"--workdir={path}: exists and is not a folder; accepted: a folder, or a path "
               "where one can be created")
     try:
+        name = lock_name(FLAGS.strategy, os.environ.get("TF_CONFIG"))
+    except ValueError as e:
+        _fail(f"--strategy=multi_worker: {e}; accepted: the cluster and this task as JSON "
+              '(README, "Two machines")')
+    try:
         p.mkdir(parents=True, exist_ok=True)
-        return lock_workdir(p)
+        return lock_workdir(p, name)
     except WorkdirLocked as e:
         _fail(f"--workdir={path}: another run (pid {e.pid}) is using this workdir; wait for it "
               "or pick another --workdir")

@@ -35,11 +35,12 @@ class WorkdirLocked(RuntimeError):
         self.pid = pid
 
 
-def lock_workdir(workdir) -> int:
-    """Take `workdir/.lock` for the life of this process (the kernel drops it when the process
+def lock_workdir(workdir, name: str = ".lock") -> int:
+    """Take `workdir/<name>` for the life of this process (the kernel drops it when the process
     ends, crash or kill included) and write our pid in it. Returns the file descriptor (keep it
-    open). Raises WorkdirLocked naming the holder's pid, or OSError if the file cannot be made."""
-    path = pathlib.Path(workdir) / ".lock"
+    open). Raises WorkdirLocked naming the holder's pid, or OSError if the file cannot be made.
+    `.lock` is the writer's; a multi-worker run's other tasks take one each (`lock_name`)."""
+    path = pathlib.Path(workdir) / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,6 +51,27 @@ def lock_workdir(workdir) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def lock_name(strategy: str, tf_config: str | None) -> str:
+    """The lock file of this process in the workdir: `.lock` for the process that writes the
+    workdir (a one-process run; a multi-worker run's chief: the 'chief' task, else worker 0, as
+    `compress.training.is_chief`), `.lock.<type><index>` for another multi-worker task, which
+    writes nothing there (StageDir `writes=False`): the chief and its workers share one workdir,
+    a second copy of any one of them is refused. Raises ValueError on a TF_CONFIG that is not
+    JSON."""
+    if strategy != "multi_worker":
+        return ".lock"
+    try:
+        spec = json.loads(tf_config or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TF_CONFIG is not JSON ({e})") from None
+    task = spec.get("task") or {}
+    kind, index = task.get("type"), int(task.get("index", 0))
+    if kind in (None, "chief") or (kind == "worker" and index == 0 and
+                                   "chief" not in (spec.get("cluster") or {})):
+        return ".lock"
+    return f".lock.{kind}{index}"
 
 
 def read_json(path):

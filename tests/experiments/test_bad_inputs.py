@@ -188,6 +188,35 @@ def test_second_run_on_a_locked_workdir_names_the_holder(tmp_path):
     os.close(lock_workdir(tmp_path))  # released by the kill: taken again (it raises if not)
 
 
+def test_multi_worker_tasks_share_the_workdir_but_not_their_lock(tmp_path):
+    """The chief locks `.lock`, every other task its own file: a chief and its workers run in
+    one workdir (before, the second worker of a two-worker launch was refused), a second copy
+    of any task is not; a TF_CONFIG that is not JSON is a ValueError."""
+    import json
+
+    from experiments.workdir import WorkdirLocked, lock_name, lock_workdir
+
+    def cfg(kind, index, chief=False):
+        cluster = {"worker": ["a:1", "b:1"], **({"chief": ["c:1"]} if chief else {})}
+        return json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}})
+
+    assert lock_name("default", cfg("worker", 1)) == ".lock"  # TF_CONFIG only matters there
+    assert lock_name("multi_worker", cfg("worker", 0)) == ".lock"  # worker 0 is the chief
+    assert lock_name("multi_worker", cfg("worker", 1)) == ".lock.worker1"
+    assert lock_name("multi_worker", cfg("chief", 0, chief=True)) == ".lock"
+    assert lock_name("multi_worker", cfg("worker", 0, chief=True)) == ".lock.worker0"
+    with pytest.raises(ValueError, match="TF_CONFIG is not JSON"):
+        lock_name("multi_worker", "{cluster")
+    held = [lock_workdir(tmp_path, ".lock"), lock_workdir(tmp_path, ".lock.worker1")]
+    try:
+        for name in (".lock", ".lock.worker1"):
+            with pytest.raises(WorkdirLocked):
+                lock_workdir(tmp_path, name)
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def test_a_good_teacher_checkpoint_passes_flag_validation(tmp_path):
     """A timm ViT .safetensors is read and accepted; the run then stops at the missing data."""
     safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -29,9 +29,10 @@ def command(workdir, data, *extra):
             "--preset=smoke", *extra]
 
 
-def start_workers(tmp_path, tag, workdir, data):
+def start_workers(tmp_path, tag, workdir, data, steps=STEPS, *extra):
     distill = ["--stages=distill", "--strategy=multi_worker",
-               f"--config.distill.steps={STEPS}", f"--config.distill.checkpoint_every={EVERY}"]
+               f"--config.distill.steps={steps}", f"--config.distill.checkpoint_every={EVERY}",
+               *extra]
     procs = []
     for task, tf_config in enumerate(local_cluster(2)):
         log = open(tmp_path / f"{tag}{task}.log", "w")
@@ -44,6 +45,31 @@ def start_workers(tmp_path, tag, workdir, data):
 def events_pids(logdir):
     """pids of the processes that wrote TensorBoard event files (the file names carry them)."""
     return {int(p.name.split(".")[-3]) for p in pathlib.Path(logdir).rglob("events.out.*")}
+
+
+def test_two_pipeline_workers_share_one_workdir(tmp_path, imagenette_dir):
+    """The default tier's short form: two pipeline processes run the distill stage (2 steps, no
+    labels-only baseline) in one workdir to the end, the chief alone writing its files (the
+    workdir lock once refused the second worker: experiments/workdir.lock_name)."""
+    workdir = tmp_path / "run"
+    teacher = subprocess.run(command(workdir, imagenette_dir, "--stages=teacher",
+                                     "--config.teacher.steps=2"),
+                             capture_output=True, text=True, timeout=900)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    procs = start_workers(tmp_path, "short", workdir, imagenette_dir, 2,
+                          "--config.distill.baseline=false")
+    try:
+        for task, p in enumerate(procs):
+            p.wait(timeout=900)
+            assert p.returncode == 0, (tmp_path / f"short{task}.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+    assert json.loads((workdir / "distill" / "metrics.json").read_text())["step"] == 2
+    assert procs[0].pid in events_pids(workdir / "tb" / "distill")
+    assert procs[1].pid not in events_pids(workdir / "tb" / "distill")
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from compress.io import atomic_write
 from compress.results.table import num, one_row_per_file, read_results, to_numeric
 
 PLOTS = ("top1_vs_latency.png", "latency_vs_macs.png", "size_vs_top1.png")
+FRONT = "front.png"  # written when there are structured-prune rows (`front_plot`)
 
 
 def glance_lines(rows: Sequence[dict]) -> list[str]:
@@ -184,6 +185,73 @@ def _machine_lines(machine: dict | None) -> list[str]:
     return lines
 
 
+def _front_points(points: Sequence[dict]) -> dict:
+    """{(model, format): [(macs, p50, top1, label)]} of the models with structured-prune files:
+    their dense distilled files and their cuts, fp32 and int8, sorted by MACs (largest first)."""
+    points = [to_numeric(r) for r in points]
+    cut = {r.get("model") for r in points if r.get("prune_method") == "structured"}
+    out: dict = {}
+    for r in points:
+        structured = r.get("stage") == "prune" and r.get("prune_method") == "structured"
+        if (r.get("model") not in cut or r.get("format") not in ("fp32", "int8")
+                or not (structured or r.get("stage") == "distill")):
+            continue
+        macs, p50, top1 = num(r.get("macs")), num(r.get("latency_p50_ms")), num(r.get("top1"))
+        if None in (macs, p50, top1):
+            continue
+        kept = num(r.get("kept_fraction"))
+        label = (f"keep {kept:.2f}" if structured and kept is not None else "dense") + \
+            f" {macs / 1e6:.0f}M"
+        out.setdefault((str(r["model"]), str(r["format"])), []).append((macs, p50, top1, label))
+    return {k: sorted(v, key=lambda p: -p[0]) for k, v in out.items()}
+
+
+def front_plot(points: Sequence[dict], out: str) -> bool:
+    """The latency/accuracy front of structured pruning (`FRONT`): one panel per model, top-1
+    against p50 of its dense distilled files and its cuts, a line per format (fp32, int8)
+    through them in MAC order (points of equal MACs from several workdirs averaged for the line,
+    each drawn), every point labelled with its kept fraction and MACs. False (and no file) when
+    no row is a structured cut."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    series = _front_points(points)
+    models = sorted({m for m, _ in series})
+    if not models:
+        return False
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.4), dpi=100,
+                             squeeze=False)
+    for ax, model in zip(axes[0], models):
+        labelled = []
+        for fmt, marker in (("fp32", "o"), ("int8", "s")):
+            pts = series.get((model, fmt), [])
+            if not pts:
+                continue
+            macs = sorted({p[0] for p in pts}, reverse=True)
+            line = [(np.mean([p[1] for p in pts if p[0] == m]),
+                     np.mean([100 * p[2] for p in pts if p[0] == m])) for m in macs]
+            ax.plot(*zip(*line), marker=marker, linestyle="-", alpha=0.5, label=fmt)
+            ax.scatter([p[1] for p in pts], [100 * p[2] for p in pts], marker=marker, s=22,
+                       color=ax.lines[-1].get_color())
+            labelled += [(p[1], 100 * p[2], f"{fmt} {p[3]}") for p in pts]
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("latency p50 (ms, 1 thread, XNNPACK)")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.margins(x=0.25, y=0.15)
+        ax._front_labels = labelled
+    fig.tight_layout()
+    for ax in axes[0]:
+        _label_points(fig, ax, ax._front_labels)
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
 def write_report(
     workdir: str,
     *,
@@ -223,6 +291,7 @@ def write_report(
                "latency vs MACs", os.path.join(out_dir, PLOTS[1]), with_workdir, logx=True)
     p3 = _plot(points, "size_bytes", "top1", "file size (bytes)", "top-1",
                "size vs top-1", os.path.join(out_dir, PLOTS[2]), with_workdir, logx=True)  # fmt: skip
+    front = front_plot(points, os.path.join(out_dir, FRONT))
     cols = (("workdir",) if with_workdir else ()) + _TABLE
     lines = [f"# {title or 'TFLite benchmark report'}", "", "## Machine", ""]
     for m in machines:
@@ -249,6 +318,10 @@ def write_report(
     for r in rows:
         lines.append("| " + " | ".join(_md_value(r.get(c), c) for c in cols) + " |")
     lines += ["", "## Plots", ""]
+    if front:
+        lines += ["The structured-pruning front: each model's dense distilled files and its cuts "
+                  "(kept fraction of the MACs, MACs), fp32 and int8, on the same validation "
+                  "images.", "", f"![structured front]({FRONT})", ""]
     for name, ok in zip(PLOTS, (p1, p2, p3)):
         stem = name[:-4].replace("_", " ")
         lines.append(f"![{stem}]({name})" + ("" if ok else "  (no data for this plot)"))

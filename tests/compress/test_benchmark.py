@@ -308,6 +308,23 @@ def test_report_and_plots_are_written(rows, tmp_path):
         assert _png(tmp_path / name), name
         assert f"]({name})" in text
     assert "no data for this plot" not in text
+    assert not (tmp_path / report.FRONT).exists()  # no structured cut among these rows
+
+
+def test_structured_rows_get_a_front_plot(rows, tmp_path):
+    """A structured cut adds front.png: the model's dense fp32/int8 files and the cut's, two
+    lines, every point labelled with its kept fraction and MACs."""
+    dense = [dict(r, prune_method="none", kept_fraction=1.0, macs=4e6) for r in rows]
+    cuts = [dict(r, stage="prune", prune_method="structured", kept_fraction=0.5, macs=2e6,
+                 path=r["path"].replace(".distill.", ".prune."),
+                 latency_p50_ms=r["latency_p50_ms"] / 2) for r in rows]
+    points = table.one_row_per_file(dense + cuts)
+    series = report._front_points(points)
+    assert sorted(series) == [("tiny", "fp32"), ("tiny", "int8")]
+    assert [p[3] for p in series[("tiny", "int8")]] == ["dense 4M", "keep 0.50 2M"]
+    table.write_results(tmp_path, dense + cuts, machine=host.machine_info())
+    text = open(report.write_report(str(tmp_path))).read()
+    assert _png(tmp_path / report.FRONT) and f"]({report.FRONT})" in text
 
 
 def _events(logdir):

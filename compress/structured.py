@@ -16,14 +16,15 @@ removes units, so the result is a thinner dense model, a registered variant rebu
   * `mlp`: MLP hidden units of every transformer block (Mobile-Former's Former FFN included) and
     of EfficientFormer's Meta4D conv MLPs.
 
-Not removed, Mobile-Former: the Former's heads (its keys and values are the token stream itself,
-no projection: a head's channels are residual-stream channels, so dropping a head needs a new
-projection of the stream, d x d' MACs a token against the 2 d x (d - d') the head's q columns
-and projection rows save: a loss until more than a third of the heads go; the Former's attention
-is 1.6% of mobile_former_52m's MACs at 224 px, 1.7% of 294M's, 3.3% of 26M's); the bridges' heads (the same: their keys and
-values, or queries, are the raw feature map); `DnaBlock3`'s expansions (depthwise channel
-multipliers: a channel cannot go alone); 26M's grouped 1x1 convs (channels interleaved by the
-shuffles). So only `mlp` is cut in mobile_former_26m.
+Not removed yet, Mobile-Former: the Former's heads. Its keys and values are the token stream
+itself (no projection), so a cut Former must read the kept heads' channel slices of the stream:
+a weightless channel-selection layer whose indices (which heads, not how many) the `widths=`
+counts do not carry. Not built: the most it can save is the Former's attention, 1.5% of
+mobile_former_52m's MACs at 224 px (1.5% of 294M's, 2.7% of 26M's). Not cut either: the bridges'
+heads (their keys and values, or queries, are the raw feature map, so only the token side has
+per-head weights to cut), `DnaBlock3`'s expansions (depthwise channel multipliers: a channel
+cannot go alone), 26M's grouped 1x1 convs (channels interleaved by the shuffles). So only `mlp`
+is cut in mobile_former_26m.
 
 Importance (`importance=`), per unit:
   * `taylor` (default): Molchanov et al. 2019 ("Importance Estimation for Neural Network
@@ -171,7 +172,8 @@ def widths_of(groups: list[Group], kept: dict | None = None) -> dict:
 
 
 def layer_macs(model: keras.Model, input_size: int) -> dict[str, int]:
-    """MACs of one batch-1 inference per layer (Conv2D, DepthwiseConv2D, Dense, MatMul).
+    """MACs of one batch-1 inference per layer (Conv2D, DepthwiseConv2D, Dense, MatMul, and
+    Mobile-Former's `ChannelRepeat`, a constant one-hot 1x1 conv: out elements x in channels).
 
     Shapes are taken from one batch-1 forward pass: MobileViT's tokens carry the pixel
     position inside the patch in the batch axis, which symbolic shapes leave as None (and a
@@ -180,7 +182,8 @@ def layer_macs(model: keras.Model, input_size: int) -> dict[str, int]:
     from models.layers import MatMul
 
     kinds = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense, MatMul)
-    layers = [l for l in model.layers if isinstance(l, kinds)]
+    layers = [l for l in model.layers
+              if isinstance(l, kinds) or type(l).__name__ == "ChannelRepeat"]
     probe = keras.Model(model.inputs, [l.output for l in layers] +
                         [l.input[0] for l in layers if isinstance(l, MatMul)])
     outs = probe(np.zeros((1, input_size, input_size, 3), np.float32), training=False)
@@ -196,6 +199,8 @@ def layer_macs(model: keras.Model, input_size: int) -> dict[str, int]:
             macs[layer.name] = n * kh * kw * int(layer.kernel.shape[2])
         elif isinstance(layer, keras.layers.Dense):
             macs[layer.name] = n * int(layer.kernel.shape[0])
+        elif type(layer).__name__ == "ChannelRepeat":
+            macs[layer.name] = n * int(layer.input.shape[-1])
         else:
             a = next(lhs).shape
             macs[layer.name] = n * int(a[-2] if layer.transpose_a else a[-1])

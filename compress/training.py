@@ -188,10 +188,16 @@ def is_chief(strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
+    return chief_task(resolver.task_type, resolver.task_id, resolver.cluster_spec().jobs)
+
+
+def chief_task(task_type: str | None, task_id: int | None, jobs) -> bool:
+    """TF's chief rule on a cluster's task: the 'chief' task (or no task type), else worker 0
+    when the cluster (`jobs`: its job names) has no 'chief' job. `is_chief` applies it to a
+    strategy; `experiments.workdir.lock_name` to TF_CONFIG before any strategy exists."""
     if task_type in (None, "chief"):
         return True
-    return task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().jobs
+    return task_type == "worker" and task_id == 0 and "chief" not in jobs
 
 
 # --------------------------------------------------------------------------------------------

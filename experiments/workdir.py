@@ -55,8 +55,7 @@ def lock_workdir(workdir, name: str = ".lock") -> int:
 
 def lock_name(strategy: str, tf_config: str | None) -> str:
     """The lock file of this process in the workdir: `.lock` for the process that writes the
-    workdir (a one-process run; a multi-worker run's chief: the 'chief' task, else worker 0, as
-    `compress.training.is_chief`), `.lock.<type><index>` for another multi-worker task, which
+    workdir (a one-process run; a multi-worker run's chief: `compress.training.chief_task`), `.lock.<type><index>` for another multi-worker task, which
     writes nothing there (StageDir `writes=False`): the chief and its workers share one workdir,
     a second copy of any one of them is refused. Raises ValueError on a TF_CONFIG that is not
     JSON."""
@@ -66,10 +65,11 @@ def lock_name(strategy: str, tf_config: str | None) -> str:
         spec = json.loads(tf_config or "{}")
     except json.JSONDecodeError as e:
         raise ValueError(f"TF_CONFIG is not JSON ({e})") from None
+    from compress.training import chief_task
+
     task = spec.get("task") or {}
     kind, index = task.get("type"), int(task.get("index", 0))
-    if kind in (None, "chief") or (kind == "worker" and index == 0 and
-                                   "chief" not in (spec.get("cluster") or {})):
+    if chief_task(kind, index, spec.get("cluster") or {}):
         return ".lock"
     return f".lock.{kind}{index}"
 

@@ -546,6 +546,18 @@ def _conv_alone(x, out: int, *, stride: int, e1: int, groups: int, name: str):
     return y
 
 
+def _has_former(e1: int, e2: int) -> bool:
+    """Whether a row's block updates the tokens (Mobile->Former + Former); else conv only."""
+    return not (e1 == 1 or e2 == 0)
+
+
+def _row_widths(kind: str, e1: int, e2: int, groups: int) -> tuple[bool, bool]:
+    """(has an `mlp` width: its Former's FFN, has an `expand` width: an ungrouped DnaBlock's
+    hidden channels) of one row, in `default_widths` order."""
+    former = _has_former(e1, e2)
+    return former, former and kind == "D" and groups == 1
+
+
 def _token_update(x, z, *, ffn: int | None, name: str):
     z = mobile_to_former(x, z, name=f"{name}_l2g")
     z = former(z, ffn=ffn, name=f"{name}_former")
@@ -559,7 +571,7 @@ def dna_block(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1,
     dw 3x3 (stride) + BN -> DyReLU(hyper2) -> 1x1 (grouped) + BN [+ shuffle]; + x if stride 1
     and same width; then Former->Mobile. `ffn`: the Former's FFN width. Returns (x, z)."""
     inp = x.shape[-1]
-    if e1 == 1 or e2 == 0:
+    if not _has_former(e1, e2):
         return _conv_alone(x, out, stride=stride, e1=e1, groups=groups, name=name), z
     z, t0 = _token_update(x, z, ffn=ffn, name=name)
     hidden = hidden or round(inp * e1)
@@ -584,7 +596,7 @@ def dna_block3(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1
     dw 3x3 xe2 + BN [+ shuffle(out)] -> DyReLU(hyper3) -> 1x1 -> out + BN, + skip;
     then Former->Mobile, then + x if stride 1 and same width. e2 == 0: conv-only block."""
     inp = x.shape[-1]
-    if e1 == 1 or e2 == 0:
+    if not _has_former(e1, e2):
         return _conv_alone(x, out, stride=stride, e1=e1, groups=groups, name=name), z
     # `hidden` is not used: this block's expansions are depthwise channel multipliers, which
     # cannot lose single channels (compress/structured.py)
@@ -654,10 +666,11 @@ def default_widths(*, rows, stem: int, groups: int, token_dim: int, **_) -> dict
     listed), and `mlp`, the FFN width of every Former."""
     expand, mlp, inp = [], [], stem
     for kind, e1, out, _, e2 in rows:
-        if not (e1 == 1 or e2 == 0):
+        has_mlp, has_expand = _row_widths(kind, e1, e2, groups)
+        if has_mlp:
             mlp.append(token_dim * FFN_RATIO)
-            if kind == "D" and groups == 1:
-                expand.append(round(inp * e1))
+        if has_expand:
+            expand.append(round(inp * e1))
         inp = out
     return dict(expand=expand, mlp=mlp)
 
@@ -696,10 +709,10 @@ def build_mobile_former(
     x = keras.layers.ReLU(max_value=6.0, name="stem_relu6")(x)
     for i, (kind, e1, out, stride, e2) in enumerate(rows, start=1):
         block = dna_block3 if kind == "3" else dna_block
-        former_block = not (e1 == 1 or e2 == 0)
-        hidden = next(expand) if former_block and kind == "D" and groups == 1 else None
-        x, z = block(x, z, out=out, stride=stride, e1=e1, e2=e2, groups=groups, hidden=hidden,
-                     ffn=next(mlp) if former_block else None, name=f"block{i}")
+        has_mlp, has_expand = _row_widths(kind, e1, e2, groups)
+        x, z = block(x, z, out=out, stride=stride, e1=e1, e2=e2, groups=groups,
+                     hidden=next(expand) if has_expand else None,
+                     ffn=next(mlp) if has_mlp else None, name=f"block{i}")
     z = mobile_to_former(x, z, name="final_l2g")
 
     # MergeClassifier (last_act 'relu', cls_token_num 1)

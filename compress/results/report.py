@@ -224,6 +224,7 @@ def front_plot(points: Sequence[dict], out: str) -> bool:
         return False
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.4), dpi=100,
                              squeeze=False)
+    labels = []  # (axes, its points' labels), placed once the layout is final
     for ax, model in zip(axes[0], models):
         labelled = []
         for fmt, marker in (("fp32", "o"), ("int8", "s")):
@@ -243,10 +244,10 @@ def front_plot(points: Sequence[dict], out: str) -> bool:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         ax.margins(x=0.25, y=0.15)
-        ax._front_labels = labelled
+        labels.append((ax, labelled))
     fig.tight_layout()
-    for ax in axes[0]:
-        _label_points(fig, ax, ax._front_labels)
+    for ax, labelled in labels:
+        _label_points(fig, ax, labelled)
     fig.savefig(out)
     plt.close(fig)
     return True

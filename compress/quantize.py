@@ -247,6 +247,7 @@ QUANTIZE: dict[str, Spec] = {
     "ReshapeAs": noop("reshape: moves values"),
     "HeadBlocks": noop("per-head copies with other heads' channels zeroed: moves values"),
     "HeadDiagonal": noop("picks each channel from its head's block: moves values"),
+    "SelectHeads": noop("slices the kept heads' channels: moves values"),
     "Resize": noop("resize: int8 RESIZE keeps its input's scale"),
     "HardSigmoid": output("relu6(x+3)/6: output quantized"),
     "HardSwish": output("x*relu6(x+3)/6: output quantized"),

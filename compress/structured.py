@@ -10,21 +10,20 @@ removes units, so the result is a thinner dense model, a registered variant rebu
     block's input and output widths (its interface, residuals included) do not change.
     Mobile-Former's `DnaBlock`s the same way (1x1 conv1, dw conv2, 1x1 conv3), with both
     dynamic ReLUs' slopes (their hyper MLP's `fc2` outputs [a1 | a2], two columns a channel).
-  * `heads`: attention heads of every transformer block (MobileViT's, EfficientFormer's Meta3D),
-    head dim unchanged: q, k, v columns of the head (and its row of EfficientFormer's bias
-    table) and the projection's rows.
+  * `heads`: attention heads of every transformer block (MobileViT's, EfficientFormer's Meta3D,
+    Mobile-Former's Former), head dim unchanged: q, k, v columns of the head (and its row of
+    EfficientFormer's bias table) and the projection's rows. The Former has no key or value
+    projection (keys = values = the token stream), so its cut reads the kept heads' channels
+    of the stream (`models.mobile_former.SelectHeads`, a weightless slice): its `widths=`
+    entry says which heads stay (indices of the reference's), not how many.
   * `mlp`: MLP hidden units of every transformer block (Mobile-Former's Former FFN included) and
     of EfficientFormer's Meta4D conv MLPs.
 
-Not removed yet, Mobile-Former: the Former's heads. Its keys and values are the token stream
-itself (no projection), so a cut Former must read the kept heads' channel slices of the stream:
-a weightless channel-selection layer whose indices (which heads, not how many) the `widths=`
-counts do not carry. Not built: the most it can save is the Former's attention, 1.5% of
-mobile_former_52m's MACs at 224 px (1.5% of 294M's, 2.7% of 26M's). Not cut either: the bridges'
-heads (their keys and values, or queries, are the raw feature map, so only the token side has
-per-head weights to cut), `DnaBlock3`'s expansions (depthwise channel multipliers: a channel
-cannot go alone), 26M's grouped 1x1 convs (channels interleaved by the shuffles). So only `mlp`
-is cut in mobile_former_26m.
+Not cut, Mobile-Former: the bridges' heads (their keys and values, or queries, are the raw
+feature map, so only the token side has per-head weights to cut), `DnaBlock3`'s expansions
+(depthwise channel multipliers: a channel cannot go alone), 26M's grouped 1x1 convs (channels
+interleaved by the shuffles). So only the Formers (`mlp`, `heads`) are cut in
+mobile_former_26m.
 
 Importance (`importance=`), per unit:
   * `taylor` (default): Molchanov et al. 2019 ("Importance Estimation for Neural Network
@@ -91,6 +90,9 @@ class Group:
     # producers whose outputs are several copies of the unit axis one after another (a dynamic
     # ReLU's hyper MLP gives [a1 | a2]: unit c is columns c and units + c)
     stacked: list = dataclasses.field(default_factory=list)
+    # a group whose `widths=` entry lists the kept units (Mobile-Former's Former heads): the
+    # reference's index of each of the model's units; None where the entry is a count
+    ids: list | None = None
 
     @property
     def name(self) -> str:
@@ -132,9 +134,9 @@ def unit_groups(model: keras.Model, min_width: float = MIN_WIDTH) -> list[Group]
             stacked += [f"{p}_hyper1_fc2", f"{p}_hyper2_fc2"]
         elif m := re.fullmatch(r"(.+)_ffn_fc1", n):
             found.append(("mlp", m[1], [n], [f"{m[1]}_ffn_fc2"], [], CHANNEL_GRANULARITY))
-        elif m := re.fullmatch(r"(.+)_attn_q", n):
-            p = f"{m[1]}_attn"
-            producers = [f"{p}_q", f"{p}_k", f"{p}_v"] + [f"{p}_bias"] * (f"{p}_bias" in names)
+        elif m := re.fullmatch(r"(.+_attn|block\d+_former)_q", n):
+            p = m[1]  # a Former has no k, v: keys = values = the token stream (module doc)
+            producers = [f"{p}_{x}" for x in ("q", "k", "v", "bias") if f"{p}_{x}" in names]
             found.append(("heads", p, producers, [f"{p}_proj"], [f"{p}_qk", f"{p}_av"], 1))
         elif m := re.fullmatch(r"(.+)_mlp_fc1", n):
             p = m[1]
@@ -148,9 +150,13 @@ def unit_groups(model: keras.Model, min_width: float = MIN_WIDTH) -> list[Group]
         else:
             units = _channels(model.get_layer(producers[0]))
         minimum = max(1, -(-int(min_width * units) // gran)) * gran
+        ids = None
+        if re.fullmatch(r"block\d+_former", prefix) and key == "heads":
+            select = f"{prefix}_kv_select"  # absent while the Former has all its heads
+            ids = model.get_layer(select).kept if select in names else list(range(units))
         groups.append(Group(key, counts.get(key, 0), int(units), producers, consumers, extra,
                             gran, min(minimum, int(units)),
-                            [p for p in producers if p in stacked]))
+                            [p for p in producers if p in stacked], ids))
         counts[key] = counts.get(key, 0) + 1
     return groups
 
@@ -160,11 +166,13 @@ def _channels(layer) -> int:
 
 
 def widths_of(groups: list[Group], kept: dict | None = None) -> dict:
-    """The `widths=` dict of lists (JSON-ready) of the groups, with `kept` units where given."""
+    """The `widths=` dict of lists (JSON-ready) of the groups, with `kept` units where given:
+    their count, or for a group with `ids` their reference indices."""
     out = {}
     for g in groups:
-        n = len(kept[g.name]) if kept is not None else g.units
-        out.setdefault(g.key, []).append(int(n))
+        units = list(range(g.units)) if kept is None else [int(i) for i in kept[g.name]]
+        out.setdefault(g.key, []).append(
+            len(units) if g.ids is None else [int(g.ids[i]) for i in units])
     return out
 
 

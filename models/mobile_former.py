@@ -314,6 +314,45 @@ class HeadDiagonal(HeadBlocks):
         return tf.TensorShape([b, t // self.heads, c])
 
 
+class SelectHeads(keras.layers.Layer):
+    """Weightless: tokens [B, T, heads*hd] -> [B, T, len(kept)*hd], the channels of the `kept`
+    heads (contiguous groups of hd, in order): the keys and values of a Former whose other heads
+    structured pruning removed (its keys and values are the token stream, which keeps every
+    channel). One slice per run of consecutive kept heads, joined by a concatenation: both
+    int8 ops XNNPACK takes, on a few tokens.
+    """
+
+    def __init__(self, heads: int, kept, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = int(heads)
+        self.kept = [int(h) for h in kept]
+
+    def _runs(self):
+        runs = []  # [first, last + 1) of consecutive kept heads
+        for h in self.kept:
+            if runs and runs[-1][1] == h:
+                runs[-1][1] = h + 1
+            else:
+                runs.append([h, h + 1])
+        return runs
+
+    def call(self, inputs):
+        hd = inputs.shape[-1] // self.heads
+        parts = [inputs[..., a * hd:b * hd] for a, b in self._runs()]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        shape = tf.TensorShape(input_shape).as_list()
+        shape[-1] = shape[-1] // self.heads * len(self.kept)
+        return tf.TensorShape(shape)
+
+    def get_prunable_weights(self):
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "heads": self.heads, "kept": self.kept}
+
+
 class ReshapeAs(keras.layers.Layer):
     """Weightless reshape of `x` to the shape of `ref` (inputs [x, ref]), e.g. attention output
     [B, HW, heads, C/heads] back to the feature map [B, H, W, C] when H, W are dynamic."""
@@ -333,7 +372,7 @@ CUSTOM_OBJECTS.update({
     "GlobalTokens": GlobalTokens, "HardSigmoid": HardSigmoid, "HardSwish": HardSwish,
     "DynamicReLU": DynamicReLU, "ChannelShuffle": ChannelShuffle, "GroupSplit": GroupSplit,
     "ChannelRepeat": ChannelRepeat, "ReshapeAs": ReshapeAs, "HeadBlocks": HeadBlocks,
-    "HeadDiagonal": HeadDiagonal,
+    "HeadDiagonal": HeadDiagonal, "SelectHeads": SelectHeads,
 })
 
 
@@ -461,19 +500,25 @@ def mobile_to_former(x, z, *, heads: int = BRIDGE_HEADS, name: str):
     return keras.layers.LayerNormalization(epsilon=LN_EPS, name=f"{name}_ln")(z)
 
 
-def former(z, *, heads: int = FORMER_HEADS, ffn: int | None = None, name: str):
+def former(z, *, heads: int = FORMER_HEADS, kept=None, ffn: int | None = None, name: str):
     """The Former (`GlobalBlock`, 'attn', FFN, post-LN) on the tokens [B, T, d].
 
     q = Dense(d)(z); keys = values = z (no projections), `heads` heads of d/heads, scale
     (d/heads)^-0.5; z = LN(z + Dense(d)(attn_out)); z = LN(z + FFN(z)),
     FFN = Dense(ffn) -> GELU (exact) -> Dense(d), ffn = FFN_RATIO * d in the reference.
+    `kept`: the heads left by structured pruning (indices of the reference's, default all):
+    q and the projection's input shrink to them, and keys and values are their channels of z
+    (`SelectHeads`).
     """
     dim = z.shape[-1]
+    head_dim = dim // heads
+    kept = list(range(heads)) if kept is None else list(kept)
     ffn = ffn or dim * FFN_RATIO
-    q = _dense(dim, f"{name}_q")(z)
-    q = split_heads(q, heads=heads, name=f"{name}_q_heads")
-    q = Scale((dim // heads) ** -0.5, name=f"{name}_scale")(q)
-    kv = split_heads(z, heads=heads, name=f"{name}_kv_heads")  # [B, h, T, d/h]
+    q = _dense(len(kept) * head_dim, f"{name}_q")(z)
+    q = split_heads(q, heads=len(kept), name=f"{name}_q_heads")
+    q = Scale(head_dim ** -0.5, name=f"{name}_scale")(q)
+    kv = z if len(kept) == heads else SelectHeads(heads, kept, name=f"{name}_kv_select")(z)
+    kv = split_heads(kv, heads=len(kept), name=f"{name}_kv_heads")  # [B, h, T, d/h]
     attn = MatMul(transpose_b=True, name=f"{name}_qk")([q, kv])  # [B, h, T, T]
     attn = keras.layers.Softmax(axis=-1, name=f"{name}_softmax")(attn)
     out = MatMul(name=f"{name}_av")([attn, kv])
@@ -558,22 +603,23 @@ def _row_widths(kind: str, e1: int, e2: int, groups: int) -> tuple[bool, bool]:
     return former, former and kind == "D" and groups == 1
 
 
-def _token_update(x, z, *, ffn: int | None, name: str):
+def _token_update(x, z, *, ffn: int | None, heads, name: str):
     z = mobile_to_former(x, z, name=f"{name}_l2g")
-    z = former(z, ffn=ffn, name=f"{name}_former")
+    z = former(z, kept=heads, ffn=ffn, name=f"{name}_former")
     return z, TakeToken(0, name=f"{name}_token0")(z)
 
 
 def dna_block(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1,
-              hidden: int | None = None, ffn: int | None = None, name: str):
+              hidden: int | None = None, ffn: int | None = None, heads=None, name: str):
     """`DnaBlock` (gbr_before_skip=False): tokens <- Former(Mobile->Former(x, tokens));
     1x1 (`hidden` = x e1 in the reference, grouped) + BN [+ shuffle] -> DyReLU(hyper1) ->
     dw 3x3 (stride) + BN -> DyReLU(hyper2) -> 1x1 (grouped) + BN [+ shuffle]; + x if stride 1
-    and same width; then Former->Mobile. `ffn`: the Former's FFN width. Returns (x, z)."""
+    and same width; then Former->Mobile. `ffn`, `heads`: the Former's FFN width and kept heads
+    (`former`). Returns (x, z)."""
     inp = x.shape[-1]
     if not _has_former(e1, e2):
         return _conv_alone(x, out, stride=stride, e1=e1, groups=groups, name=name), z
-    z, t0 = _token_update(x, z, ffn=ffn, name=name)
+    z, t0 = _token_update(x, z, ffn=ffn, heads=heads, name=name)
     hidden = hidden or round(inp * e1)
     y = pointwise_conv_bn(x, hidden, groups=groups, name=f"{name}_conv1")
     if groups > 1:
@@ -590,17 +636,18 @@ def dna_block(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1,
 
 
 def dna_block3(x, z, *, out: int, stride: int, e1: int, e2: int, groups: int = 1,
-               hidden: int | None = None, ffn: int | None = None, name: str):
+               hidden: int | None = None, ffn: int | None = None, heads=None, name: str):
     """`DnaBlock3`: tokens <- Former(Mobile->Former(x, tokens));
     dw 3x3 xe1 (stride) + BN [+ shuffle(in)] -> DyReLU(hyper1) -> 1x1 -> out + BN (= skip) ->
     dw 3x3 xe2 + BN [+ shuffle(out)] -> DyReLU(hyper3) -> 1x1 -> out + BN, + skip;
-    then Former->Mobile, then + x if stride 1 and same width. e2 == 0: conv-only block."""
+    then Former->Mobile, then + x if stride 1 and same width. e2 == 0: conv-only block.
+    `ffn`, `heads`: as in `dna_block`."""
     inp = x.shape[-1]
     if not _has_former(e1, e2):
         return _conv_alone(x, out, stride=stride, e1=e1, groups=groups, name=name), z
     # `hidden` is not used: this block's expansions are depthwise channel multipliers, which
     # cannot lose single channels (compress/structured.py)
-    z, t0 = _token_update(x, z, ffn=ffn, name=name)
+    z, t0 = _token_update(x, z, ffn=ffn, heads=heads, name=name)
     y = depthwise_conv_bn(x, multiplier=e1, stride=stride, name=f"{name}_conv1")
     if groups > 1:
         y = ChannelShuffle(inp, name=f"{name}_conv1_shuffle")(y)
@@ -663,16 +710,19 @@ def default_widths(*, rows, stem: int, groups: int, token_dim: int, **_) -> dict
     `expand`, the hidden channels of every `DnaBlock` with ungrouped 1x1 convs (the 1x1
     expansion, its dynamic ReLUs and depthwise conv; DnaBlock3's expansions are depthwise
     channel multipliers, and 26M's grouped convs interleave their channels, so neither is
-    listed), and `mlp`, the FFN width of every Former."""
-    expand, mlp, inp = [], [], stem
+    listed), `mlp`, the FFN width of every Former, and `heads`, the heads every Former keeps:
+    a list of indices into its FORMER_HEADS heads, not a count, because its keys and values
+    are those heads' channels of the token stream (`former`)."""
+    expand, mlp, heads, inp = [], [], [], stem
     for kind, e1, out, _, e2 in rows:
         has_mlp, has_expand = _row_widths(kind, e1, e2, groups)
         if has_mlp:
             mlp.append(token_dim * FFN_RATIO)
+            heads.append(list(range(FORMER_HEADS)))
         if has_expand:
             expand.append(round(inp * e1))
         inp = out
-    return dict(expand=expand, mlp=mlp)
+    return dict(expand=expand, mlp=mlp, heads=heads)
 
 
 def build_mobile_former(
@@ -698,7 +748,7 @@ def build_mobile_former(
     """
     w = resolve_widths(widths, default_widths(rows=rows, stem=stem, groups=groups,
                                               token_dim=token_dim), name)
-    expand, mlp = iter(w["expand"]), iter(w["mlp"])
+    expand, mlp, heads = iter(w["expand"]), iter(w["mlp"]), iter(w["heads"])
     shape = (input_size, input_size, 3) if input_size else (None, None, 3)
     inputs = keras.Input(shape, name="image")
     z = GlobalTokens(tokens, token_dim, name="tokens")(inputs)
@@ -712,7 +762,8 @@ def build_mobile_former(
         has_mlp, has_expand = _row_widths(kind, e1, e2, groups)
         x, z = block(x, z, out=out, stride=stride, e1=e1, e2=e2, groups=groups,
                      hidden=next(expand) if has_expand else None,
-                     ffn=next(mlp) if has_mlp else None, name=f"block{i}")
+                     ffn=next(mlp) if has_mlp else None,
+                     heads=next(heads) if has_mlp else None, name=f"block{i}")
     z = mobile_to_former(x, z, name="final_l2g")
 
     # MergeClassifier (last_act 'relu', cls_token_num 1)

@@ -121,8 +121,10 @@ def resolve_widths(widths: dict | None, default: dict[str, list[int]], model: st
     `widths` is a plain dict of lists (JSON-serialisable, so a stage's `model.json` carries it):
     e.g. MobileViT `{"expand": [...], "heads": [...], "mlp": [...]}`, one entry per block in
     build order (`default_widths` of the family module). A key left out keeps the reference's
-    list. Raises ValueError naming the key on an unknown key, a wrong length or a width that is
-    not a positive int.
+    list. An entry is a count (of channels, heads, hidden units), or, where the reference's
+    entries are lists, the indices of the units kept (Mobile-Former's Former heads). Raises
+    ValueError naming the key on an unknown key, a wrong length, or a width that is not a
+    positive int (or not an increasing list of the reference's indices).
     """
     if widths is None:
         return default
@@ -137,7 +139,14 @@ def resolve_widths(widths: dict | None, default: dict[str, list[int]], model: st
         if len(values) != len(default[key]):
             raise ValueError(f"{model}: widths[{key!r}] needs {len(default[key])} entries, "
                              f"got {len(values)}")
-        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+        if default[key] and isinstance(default[key][0], list):  # indices of the kept units
+            for v, ref in zip(values, default[key]):
+                if (not isinstance(v, (list, tuple)) or not v or list(v) != sorted(set(v))
+                        or any(isinstance(i, bool) or i not in ref for i in v)):
+                    raise ValueError(f"{model}: widths[{key!r}] entries must be non-empty "
+                                     f"increasing lists of indices from {ref}, got {v}")
+            values = [list(v) for v in values]
+        elif any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
             raise ValueError(f"{model}: widths[{key!r}] must be positive ints, got {values}")
         out[key] = values
     return out

@@ -14,7 +14,8 @@ of the pipeline give other widths at the same MACs). Every model is exported to 
 images) and timed by `compress.measure.latency.measure_latency` in fresh processes, one
 thread, XNNPACK, in paired rounds (`_time_paired`: a shared host's load moves absolute times
 far more than the ratios of one round). A keep below the smallest model is reported and
-skipped.
+skipped. `--former_heads=2,1` also times each Mobile-Former with only its Formers' heads cut
+to 2 and to 1 (of 4).
 
 `--sparse` also zeroes the 50% (and 75%) smallest weights of every Conv2D/Dense kernel the
 pipeline's magnitude prune touches (`prune.skip` globs of the preset) in the dense model and
@@ -62,6 +63,25 @@ def _zero_smallest(model, fraction: float, skip) -> None:
                 w.assign(np.where(np.abs(v) <= cut, 0, v).astype(v.dtype))
 
 
+def _former_heads_cut(dense, name, size, heads: int):
+    """`dense` with only its Formers' heads cut, to the `heads` of highest magnitude score each
+    (`--former_heads`): what removing heads alone buys, which a MAC budget mixes with the rest."""
+    import models
+    from compress import structured
+
+    p = structured.plan(dense, input_size=size, importance="magnitude")
+    kept = {g.name: np.arange(g.units) for g in p.groups}
+    formers = [g for g in p.groups if g.ids is not None]
+    if not formers:
+        raise SystemExit(f"--former_heads: {name} has no Former (a mobile_former_* model does)")
+    for g in formers:
+        kept[g.name] = np.sort(np.argsort(-p.scores[g.name], kind="stable")[:heads])
+    small = models.create_model(name, num_classes=10, input_size=size,
+                                widths=structured.widths_of(p.groups, kept))
+    structured.transfer(dense, small, p.groups, kept)
+    return small
+
+
 def _row(path, *, label, fmt, costs):
     from compress.tflite.audit import audit_tflite
 
@@ -72,15 +92,15 @@ def _row(path, *, label, fmt, costs):
 
 
 def _time_paired(rows, args) -> None:
-    """`--rounds` rounds; in each, every dense file, then the files compared with it, one fresh
+    """`--rounds` rounds; in each, every file (in reverse order every other round), one fresh
     process each: a busy host slows a round's files alike, so the ratios of one round hold
     where the absolute times do not. p50 = median over rounds; speed-up = median over rounds
     of dense / file (the dense file: the first row of the same model and format family)."""
     from compress.measure.latency import measure_latency
 
     times = {r["path"]: [] for r in rows}
-    for _ in range(args.rounds):
-        for r in rows:
+    for i in range(args.rounds):
+        for r in rows if i % 2 == 0 else rows[::-1]:  # alternate: no file always last
             lat = measure_latency(r["path"], threads=1, warmup=args.warmup, runs=args.runs,
                                   min_secs=0.5)
             times[r["path"]].append(lat["latency_p50_ms"])
@@ -104,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--rounds", type=int, default=8, help="paired timing rounds")
     p.add_argument("--sparse", action="store_true")
+    p.add_argument("--former_heads", default="",
+                   help="comma-separated head counts: also cut only the heads of every "
+                        "Mobile-Former Former to that many (the highest-magnitude heads)")
     args = p.parse_args(argv)
 
     import models
@@ -146,6 +169,17 @@ def main(argv=None) -> int:
                          widths=cut["widths"])
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "widths"}), flush=True)
+        for heads in [int(h) for h in args.former_heads.split(",") if h]:
+            model, label = _former_heads_cut(dense, name, size, heads), f"{name} heads {heads}"
+            costs = static_costs(model, size)
+            for fmt in ("fp32", "int8"):
+                path = os.path.join(args.outdir, f"{name}.heads{heads}.{fmt}.tflite")
+                export_tflite(model, path, fmt=fmt, input_size=size, representative=images)
+                r = _row(path, label=label, fmt=fmt, costs=costs)
+                r.update(kept_fraction=costs["macs"] / dense_costs["macs"],
+                         params_ratio=costs["params"] / dense_costs["params"])
+                rows.append(r)
+                print(json.dumps(r), flush=True)
         if args.sparse:
             skip = tuple(get_config("quick").prune.skip)
             for fraction in (0.5, 0.75):

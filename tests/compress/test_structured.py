@@ -63,6 +63,11 @@ def test_bad_widths_are_refused_naming_the_key():
         models.create_model("mobilevit_xxs", widths={"heads": [1, 2]})
     with pytest.raises(ValueError, match=r"unknown widths key\(s\) \['depth'\]"):
         models.create_model("efficientformer_l1", widths={"depth": [1]})
+    # Mobile-Former's Former heads are the kept heads' indices, not a count
+    for bad in (3, [], [2, 1], [0, 0], [0, 4], [True]):
+        with pytest.raises(ValueError, match=r"widths\['heads'\] entries must be non-empty "
+                                             r"increasing lists of indices from \[0, 1, 2, 3\]"):
+            models.create_model("mobile_former_52m", widths={"heads": [bad] + [[0]] * 7})
 
 
 @pytest.mark.parametrize("name", ["efficientformer_l1", "mobile_former_52m"])
@@ -141,6 +146,35 @@ def test_cut_model_fits_the_mac_budget_and_rebuilds_from_model_json(xxs, images,
     again = models.create_model(spec["name"], num_classes=10, **spec["overrides"])
     again.load_weights(str(tmp_path / "w.h5"))
     np.testing.assert_allclose(again(images).numpy(), small(images).numpy(), atol=1e-6)
+
+
+def test_a_cut_former_cut_again_names_the_reference_heads(images):
+    """A Former's widths entry lists the reference's heads it keeps; cutting a cut model again
+    composes the indices, and the result equals a direct cut to those heads."""
+    dense = perturbed("mobile_former_52m")
+    groups = st.unit_groups(dense)
+    first = {g.name: np.arange(g.units) for g in groups}
+    first["heads[0]"], first["heads[3]"] = np.array([0, 2, 3]), np.array([1])
+    once = rebuild("mobile_former_52m")(st.widths_of(groups, first))
+    st.transfer(dense, once, groups, first)
+    assert type(once.get_layer("block2_former_kv_select")).__name__ == "SelectHeads"
+    assert "block3_former_kv_select" not in {l.name for l in once.layers}  # all 4 heads kept
+
+    again_groups = st.unit_groups(once)
+    assert [g.ids for g in again_groups if g.key == "heads"][:4] == [[0, 2, 3], [0, 1, 2, 3],
+                                                                     [0, 1, 2, 3], [1]]
+    second = {g.name: np.arange(g.units) for g in again_groups}
+    second["heads[0]"] = np.array([1, 2])  # of [0, 2, 3]: reference heads 2 and 3
+    widths = st.widths_of(again_groups, second)
+    assert widths["heads"][0] == [2, 3] and widths["heads"][3] == [1]
+    twice = rebuild("mobile_former_52m")(widths)
+    st.transfer(once, twice, again_groups, second)
+
+    direct = {**first, "heads[0]": np.array([2, 3])}
+    straight = rebuild("mobile_former_52m")(widths)
+    st.transfer(dense, straight, groups, direct)
+    np.testing.assert_array_equal(twice(images).numpy(), straight(images).numpy())
+    assert not np.allclose(twice(images).numpy(), once(images).numpy())
 
 
 def test_taylor_removes_the_units_the_loss_does_not_need(images):
@@ -231,3 +265,39 @@ def test_int8_export_of_a_cut_model_is_one_xnnpack_partition(name, keep, tmp_pat
     assert cut["float_heavy_by_op"] == full["float_heavy_by_op"]
     assert cut["float_heavy_ops"] == (4 if name.startswith("mobile_former") else 0)
     assert cut["size_bytes"] < full["size_bytes"]
+
+
+@pytest.mark.slow
+def test_a_former_head_cut_exports_and_trains_qat_on_the_fast_path(images, tmp_path):
+    """Cut heads of every Former (a run of kept heads that is not the first ones, and one with
+    a gap, so SelectHeads slices and concatenates): the fp32 file computes the Keras model, and
+    the PTQ and the QAT int8 files are one XNNPACK partition with the float ops of the dense
+    model's file of the same kind, and smaller."""
+    from compress import quantize as Q
+    from compress.tflite.audit import audit_tflite, parity
+    from compress.tflite.convert import export_tflite
+
+    dense = perturbed("mobile_former_52m")
+    groups = st.unit_groups(dense)
+    kept = {g.name: np.arange(g.units) for g in groups}
+    for g in groups:
+        if g.key == "heads":
+            kept[g.name] = np.array([0, 2, 3] if g.index % 2 else [1, 2])
+    small = rebuild("mobile_former_52m")(st.widths_of(groups, kept))
+    st.transfer(dense, small, groups, kept)
+    rep = np.random.default_rng(4).random((8, S, S, 3)).astype("float32")
+    export_tflite(small, tmp_path / "cut.fp32.tflite", fmt="fp32", input_size=S)
+    fp32 = parity(small, str(tmp_path / "cut.fp32.tflite"), rep, delegate="xnnpack")
+    assert fp32["rel_l2"] < 1e-4, fp32
+    audits = {}
+    for tag, model in (("dense", dense), ("cut", small)):
+        for mode, m in (("ptq", model), ("qat", Q.apply_qat(model, input_range=(0.0, 1.0)))):
+            path = tmp_path / f"{tag}.{mode}.int8.tflite"
+            export_tflite(m, path, fmt="int8", input_size=S, representative=rep)
+            audits[tag, mode] = audit_tflite(str(path))
+    for mode in ("ptq", "qat"):
+        cut, full = audits["cut", mode], audits["dense", mode]
+        assert cut["partitions"] == 1 and cut["undelegated_ops"] == {}
+        assert cut["float_heavy_by_op"] == full["float_heavy_by_op"]
+        assert cut["size_bytes"] < full["size_bytes"]
+    print({k: (a["partitions"], a["float_heavy_by_op"], a["size_bytes"]) for k, a in audits.items()})

@@ -28,7 +28,8 @@ def test_structured_smoke_run_cuts_and_later_stages_use_the_cut(tmp_path, imagen
 
     spec = json.loads((workdir / "prune" / "model.json").read_text())
     widths = spec["overrides"]["widths"]
-    assert set(widths) == {"expand", "mlp"}
+    assert set(widths) == {"expand", "mlp", "heads"}
+    assert all(h and set(h) <= {0, 1, 2, 3} for h in widths["heads"])  # the kept heads' indices
     cut = models.create_model(spec["name"], num_classes=spec["num_classes"],
                               input_size=64, **spec["overrides"])
     cut.load_weights(str(workdir / "prune" / "weights.h5"))  # rebuilt from model.json alone

@@ -176,12 +176,12 @@ def _real(lo, hi, *, lo_open=False, hi_open=False, lo_name=None):
     return ok, f"a number in {'(' if lo_open else '['}{low}, {hi}{')' if hi_open else ']'}"
 
 
-def _multiple(divisor, *, zero_ok=False):
+def _multiple(divisor, *, zero_ok=False, zero_means="the student's default size"):
     def ok(v):
         return (isinstance(v, int) and not isinstance(v, bool)
                 and ((zero_ok and v == 0) or (v > 0 and v % divisor == 0)))
 
-    return ok, ("0 (the student's default size) or " if zero_ok else "") + \
+    return ok, (f"0 ({zero_means}) or " if zero_ok else "") + \
         f"a positive multiple of {divisor}"
 
 
@@ -194,7 +194,8 @@ def _rules(c, size_divisor: int, teacher_divisor: int):
              ("data.crop_pct", *_real(0, 1, lo_open=True)),
              ("data.scale_min", *_real(0, 1, lo_open=True)),
              ("data.mixup", *_real(0, None)), ("data.cutmix", *_real(0, None)),
-             ("teacher.input_size", *_multiple(teacher_divisor)),
+             ("teacher.input_size", *_multiple(teacher_divisor, zero_ok=True,
+                                                zero_means="the teacher's own size")),
              ("teacher.batch_size", *_int(1)),
              ("distill.alpha", *_real(0, 1)), ("distill.temperature", *_real(0, None, lo_open=True)),
              ("prune.target_sparsity", *_real(0, 1, hi_open=True)),

@@ -35,9 +35,11 @@ _CONFIG_FILE = str(pathlib.Path(__file__).with_name("configs.py"))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("student", None, "registry name of the student (see models.list_models())")
-flags.DEFINE_string("teacher", None, "registry name of a ViT teacher (trained in the teacher "
-                    "stage), a teacher stage folder saved by this project, or a ViT checkpoint "
-                    "to fine-tune: timm .pth/.safetensors, Hugging Face folder, Google .npz")
+flags.DEFINE_string("teacher", None, "a registry name (trained in the teacher stage; "
+                    "efficientnet_lite0/1/2: ImageNet weights of the installed package), a "
+                    "teacher folder saved by this project, a ViT checkpoint (timm .pth/"
+                    ".safetensors, Hugging Face folder, Google .npz), a Keras classifier "
+                    "(.keras, .h5, SavedModel folder) or keras.applications.NAME")
 flags.DEFINE_string("data", None, "folder with train/ and val/ class subfolders, or tfds:NAME")
 flags.DEFINE_string("workdir", None, "output folder (see CONTRACT.md for its layout)")
 flags.DEFINE_enum("preset", "smoke", PRESETS, "hyperparameter preset")
@@ -86,36 +88,23 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(str(e))
 
 
-def check_teacher_file(path: str) -> str | None:
-    """Open a --teacher path and check it against the registry before any stage runs; returns
-    the problem (one line) or None. One branch per accepted format."""
-    if os.path.isfile(os.path.join(path, "model.json")):  # a teacher folder of this project
-        from experiments.workdir import StageDir
-        from models import vit_checkpoints
-
-        src = StageDir(pathlib.Path(path).parent, pathlib.Path(path).name)
-        try:
-            spec = src.model_json()
-            model = vit_checkpoints.build_model(spec, num_classes=int(spec["num_classes"]))
-            model.load_weights(str(src.weights))
-        except Exception as e:  # noqa: BLE001 - whatever is wrong with the folder: one line
-            return (f"--teacher={path}: not a teacher folder of this project (model.json with a "
-                    f"registry name and num_classes, and its weights.h5): {type(e).__name__}: "
-                    f"{' '.join(str(e).split())[:300]}")
-        return None
-    # a ViT checkpoint (timm .pth/.safetensors, Hugging Face folder, Google .npz): read and its
-    # architecture checked now (no model is built), not hours into a run
-    from models import vit_checkpoints
+def resolve_teacher():
+    """--teacher resolved once (models/teachers.py): a registry name, a package's pretrained
+    weights, a teacher folder, a checkpoint, a Keras file or keras.applications name; its
+    problems end here in one line naming the flag."""
+    from models import teachers
 
     try:
-        vit_checkpoints.teacher_spec(path, input_size=FLAGS.config.teacher.input_size)
+        return teachers.resolve(FLAGS.teacher,
+                                input_size=FLAGS.config.teacher.input_size or None)
     except ValueError as e:
-        return f"--teacher: {e}"
-    return None
+        text = " ".join(str(e).split())
+        _fail(f"--teacher{text}" if text.startswith("=") else f"--teacher: {text}")
 
 
-def validate_flags() -> None:
-    """Refuse bad names and values up front, naming the flag and what is accepted."""
+def validate_flags():
+    """Refuse bad names and values up front, naming the flag and what is accepted; returns the
+    --teacher's record."""
     import models
 
     unknown = [s for s in FLAGS.stages if s not in STAGES]
@@ -125,15 +114,12 @@ def validate_flags() -> None:
     if FLAGS.student not in models.list_models():
         _fail(f"--student: unknown model {FLAGS.student!r}; accepted: "
                              f"{', '.join(students)}")
-    teacher = FLAGS.teacher
-    if teacher not in models.list_models() and not os.path.exists(teacher):
-        teachers = [n for n in models.list_models() if models.get_model_info(n).role == "teacher"]
-        _fail(f"--teacher: {teacher!r} is neither a registry name ({', '.join(teachers)})"
-              " nor an existing teacher folder or ViT checkpoint (timm .pth/.safetensors, "
-              "Hugging Face folder, Google .npz)")
     info = models.get_model_info(FLAGS.student)
-    teacher_divisor = (models.get_model_info(teacher).size_divisor
-                       if teacher in models.list_models() else 16)
+    teacher = resolve_teacher()
+    teacher_divisor = (models.get_model_info(teacher.architecture).size_divisor
+                       if teacher.architecture in models.list_models() else
+                       teacher.spec.get("overrides", {}).get("patch", 16)
+                       if teacher.kind == "checkpoint" else 32)
     problems = check(FLAGS.config, size_divisor=info.size_divisor,
                      teacher_divisor=teacher_divisor)
     if problems:
@@ -166,10 +152,6 @@ def validate_flags() -> None:
     for key, (value, accepted) in checks.items():
         if value not in accepted:
             _fail(f"--config.{key}: {value!r} is not accepted; accepted: {accepted}")
-    if os.path.exists(teacher) and teacher not in models.list_models():
-        problem = check_teacher_file(teacher)
-        if problem:
-            _fail(problem)
     if c.prune.method == "structured":
         _validate_structured(c, info)
     elif c.prune.target_ms:
@@ -188,6 +170,7 @@ def validate_flags() -> None:
                              c.export.float_layers)
         except ValueError as e:
             _fail(f"--config.export.{e}")
+    return teacher
 
 
 def open_workdir(path: str) -> int:
@@ -286,14 +269,15 @@ def main(argv):
         _fail(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # TF's INFO chatter would bury the progress bars
         logging.set_verbosity(logging.WARNING)
-    validate_flags()
+    teacher = validate_flags()
     lock = open_workdir(FLAGS.workdir)  # noqa: F841 - held until this process ends
     from experiments import stages
 
     try:  # data sources and strategy: bad --data / --strategy values end here, in one line
         run = stages.Run(student=FLAGS.student, teacher=FLAGS.teacher, data=FLAGS.data,
                          workdir=FLAGS.workdir, config=FLAGS.config, strategy=FLAGS.strategy,
-                         export_size=FLAGS.export_size, overwrite=FLAGS.overwrite)
+                         export_size=FLAGS.export_size, overwrite=FLAGS.overwrite,
+                         teacher_record=teacher)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: tfds offline
         _fail(" ".join(str(e).split()))
     start = time.time()

@@ -1,7 +1,9 @@
 """The stages of `experiments.pipeline`, each reading the previous stage's folder.
 
-teacher  -> teacher/   a ViT trained from labels, loaded from a folder, or a checkpoint fine-tuned
-                       (timm .pth/.safetensors, Hugging Face folder, Google .npz)
+teacher  -> teacher/   the --teacher resolved once (models/teachers.py): a registry model trained
+                       from labels, a pretrained one whose ImageNet head is sliced to the data's
+                       classes (no training), or one with a new head fine-tuned; saved with its
+                       record in teacher/model.json
 distill  -> distill/   the student trained from the frozen teacher (+ a labels-only baseline in
                        distill/baseline/; the teacher's outputs cached in distill/teacher_cache/)
 prune    -> prune/     magnitude pruning while the teacher keeps teaching; stored stripped
@@ -37,7 +39,7 @@ class Run:
     """Everything one pipeline invocation shares: config, data sources, strategy, paths."""
 
     def __init__(self, *, student, teacher, data, workdir, config, strategy="default",
-                 export_size=None, overwrite=False):
+                 export_size=None, overwrite=False, teacher_record=None):
         from compress import training
         from experiments import data as input_data
 
@@ -56,7 +58,7 @@ class Run:
         self.val_src = input_data.load_source(data, "val",
                                                   limit_per_class=d.val_per_class or None)
         self.num_classes = self.train_src.num_classes
-        self._check_teacher_classes()
+        self.teacher_record = self._plan_teacher(teacher_record)
         self.strategy = training.get_strategy(strategy)
         self.replicas = self.strategy.num_replicas_in_sync
         # Multi-worker: every worker runs the training stages (collectives need all of them,
@@ -65,14 +67,26 @@ class Run:
         if not self.chief:
             self.tb = pathlib.Path(tempfile.mkdtemp(prefix="tb-nonchief-"))  # pruning summaries
 
-    def _check_teacher_classes(self) -> None:
-        """A teacher folder must have the data's classes (checked before the first stage)."""
-        if os.path.isdir(self.teacher_arg):
-            src = pathlib.Path(self.teacher_arg)
-            n = StageDir(src.parent, src.name).model_json()["num_classes"]
-            if n != self.num_classes:
-                raise ValueError(f"--teacher={self.teacher_arg}: the teacher has {n} classes, "
-                                 f"--data={self.data} has {self.num_classes}")
+    def _plan_teacher(self, record):
+        """The --teacher's record (models/teachers.py) with its head planned for the data's
+        classes; a teacher that fits neither is refused here, before the first stage."""
+        from models import teachers
+
+        try:
+            if record is None:
+                record = teachers.resolve(self.teacher_arg,
+                                          input_size=self.cfg.teacher.input_size or None)
+            return teachers.plan_head(record, self.train_src.class_names)
+        except ValueError as e:
+            text = str(e)
+            raise ValueError(f"--teacher{text}" if text.startswith("=") else
+                             f"--teacher: {text}") from None
+
+    @property
+    def teacher_size(self) -> int:
+        """The size the teacher sees its images at: --config.teacher.input_size, else the size
+        its weights were made for."""
+        return self.cfg.teacher.input_size or self.teacher_record.input_size or 224
 
     # ---------------------------------------------------------------------------------------
     def run_stage(self, name: str) -> None:
@@ -222,52 +236,55 @@ class Run:
 
     # ---------------------------------------------------------------------------------- stages
     def stage_teacher(self, stage: StageDir) -> None:
+        """The teacher as its record says: copied from a teacher folder; pretrained with its head
+        kept or sliced to the data's classes (evaluated, no training); or trained from labels or
+        fine-tuned with a new head. `teacher/model.json` holds the record."""
         from compress.distill import Distiller
+        from models import teachers
 
-        t = self.cfg.teacher
+        t, rec, size = self.cfg.teacher, self.teacher_record, self.teacher_size
         stage.begin({"teacher": self.teacher_arg, **t.to_dict()})
-        arg = self.teacher_arg
-        if os.path.isfile(os.path.join(arg, "model.json")):  # a teacher stage folder
-            src = StageDir(pathlib.Path(arg).parent, pathlib.Path(arg).name)
-            spec = src.model_json()  # its classes were checked against the data in __init__
+        record = {"name": rec.architecture, "num_classes": self.num_classes, "input_size": size,
+                  **rec.to_json()}
+        if rec.kind == "folder":
             if stage.writes:  # a non-chief worker reads the source folder instead
-                atomic_copy(src.weights, stage.weights)
-            stage.save_model_json(**spec)
-            teacher, size = self.load_teacher_from(stage if stage.writes else src)
+                atomic_copy(rec.weights, stage.weights)
+            stage.save_model_json(**record)
+            teacher = self.load_teacher_from(stage if stage.writes else
+                                             StageDir(*os.path.split(rec.source)))[0]
             m = self._evaluate_and_save(stage.path, teacher, size)
-            stage.finish({**m, "source": arg, "trained_steps": 0})
+            stage.finish({**m, "source": rec.source, "head": rec.head, "trained_steps": 0})
             return
-        from models import vit_checkpoints
-
-        size = t.input_size
-        if arg in models.list_models():
-            spec, source = {"name": arg}, "scratch"
-        else:  # a timm / Hugging Face / Google checkpoint (checked by validate_flags)
-            spec, source = vit_checkpoints.teacher_spec(arg, input_size=size), arg
+        if not rec.trains:  # pretrained, teaching from step 0
+            teacher = teachers.build(rec, self.num_classes, pretrained=True)
+            stage.save_weights(teacher)
+            stage.save_model_json(**record)
+            m = self._evaluate_and_save(stage.path, teacher, size, logdir=self.tb / "teacher")
+            stage.finish({**m, "source": rec.source, "head": rec.head, "trained_steps": 0,
+                          "step": 0})
+            return
 
         def build():
-            m = vit_checkpoints.build_model(spec, num_classes=self.num_classes)
-            if source != "scratch":  # fine-tuned; a head of another class count is replaced
-                vit_checkpoints.load_checkpoint(m, arg)
-            return Distiller(m, None, label_smoothing=t.label_smoothing)
+            return Distiller(teachers.build(rec, self.num_classes, pretrained=True), None,
+                             label_smoothing=t.label_smoothing)
 
         distiller, metrics = self._fit(stage, build, self._sampler(None, size=size,
                                                                    batch=t.batch_size),
                                        t, tb_name="teacher", eval_size=size)
         stage.save_weights(distiller.student)
-        stage.save_model_json(**spec, num_classes=self.num_classes, input_size=size, source=source)
-        stage.finish(metrics)
+        stage.save_model_json(**record)
+        stage.finish({**metrics, "source": rec.source, "head": rec.head})
 
     def load_teacher_from(self, stage, *, build=True):
-        """The frozen teacher saved in `stage` and the input size it was trained at (`build=False`:
+        """The frozen teacher saved in `stage` and the size it sees images at (`build=False`:
         None and the size)."""
-        from models import vit_checkpoints
+        from models import teachers
 
         spec = stage.model_json()
-        size = spec.get("input_size", models.get_model_info(spec["name"]).default_size)
+        size = spec.get("input_size") or models.get_model_info(spec["name"]).default_size
         if not build:
             return None, size
-        teacher = vit_checkpoints.build_model(spec, num_classes=spec["num_classes"])
+        teacher = teachers.build(teachers.TeacherRecord.from_json(spec), spec["num_classes"])
         teacher.load_weights(str(stage.weights))
         teacher.trainable = False
         return teacher, size
@@ -621,6 +638,25 @@ class Run:
         return summary.distillation_gain(self.workdir, self.val_src.labels,
                                          kind=self.cfg.distill.kind)
 
+    def teacher_line(self) -> str:
+        """report.md's second line: where the teacher came from, how its head was made, its
+        top-1, and what its cached outputs cost."""
+        t = StageDir(self.workdir, "teacher")
+        if not t.done:
+            return "Teacher: not run in this workdir."
+        spec, m = t.model_json(), t.metrics()
+        rec = spec.get("kind") and spec
+        what = (f"{rec['architecture']} ({rec['kind']}, weights {rec['weights']}), head "
+                f"{rec.get('head') or 'as saved'}" if rec else spec["name"])
+        line = (f"Teacher: {what}; top-1 {_pct(m.get('val_top1'))} at {spec.get('input_size')} px "
+                f"(Keras, whole validation split), {m.get('step', 0)} training steps.")
+        cache = StageDir(self.workdir, "distill").metrics().get("teacher_cache")
+        if cache:
+            line += (f" Teacher cache: {cache['views']} views per image, "
+                     f"{cache.get('build_s_this_stage', 0) / 60:.1f} min to build "
+                     f"({cache['bytes'] / 2**20:.1f} MiB).")
+        return line
+
     def stage_report(self, stage: StageDir) -> None:
         from compress.results import table
         from compress.results.hparams import write_hparams
@@ -631,7 +667,7 @@ class Run:
         report = write_report(str(self.workdir), title=f"{self.student} from "
                               f"{self.teacher_arg} ({self.cfg.preset} preset)")
         gain = self.distillation_gain()
-        summary.insert_after_title(report, [gain["line"]])
+        summary.insert_after_title(report, [gain["line"], "", self.teacher_line()])
         rows = table.read_results(str(self.workdir))
         for r in rows:  # the run's training figures, appended columns (CONTRACT: more may follow)
             r.update(teacher_top1=gain["teacher_top1"], baseline_top1=gain["baseline_top1"])
@@ -645,7 +681,7 @@ class Run:
             m = StageDir(self.workdir, name).metrics()
             if not m:
                 continue
-            note = {"teacher": f"{self.teacher_arg}",
+            note = {"teacher": f"{self.teacher_arg}: head {m.get('head', 'trained')}",
                     "distill": f"{self.cfg.distill.kind} KD, alpha {self.cfg.distill.alpha}, "
                                f"T {self.cfg.distill.temperature}" + (
                                    f", teacher cache of {m['teacher_cache']['views']} views"

@@ -29,6 +29,18 @@ def _jpeg(path, seed):
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path, "JPEG")
 
 
+def _keras_files(tmp):
+    """Saved Keras models that are not usable teachers."""
+    from models.compat import keras
+
+    inp = keras.Input((16, 16, 3))
+    keras.Model(inp, keras.layers.Conv2D(4, 3)(inp)).save(str(tmp / "segmenter.keras"))
+    x = keras.layers.GlobalAveragePooling2D()(inp)
+    keras.Model(inp, keras.layers.Dense(7)(x)).save(str(tmp / "seven.keras"))
+    (tmp / "junk.keras").write_bytes(b"not a zip file")
+    (tmp / "notes.txt").write_text("a teacher? no")
+
+
 def _folder(root, splits):
     """splits: {split: {class: number of images}}."""
     for split, classes in splits.items():
@@ -76,7 +88,7 @@ CASES = [
     ("representative", {"config.export.representative_images": "0"}, r"--config.export.representative_images: 0 is not accepted", {}),
     ("crop_pct", {"config.data.crop_pct": "0.0"}, r"--config.data.crop_pct: 0.0 is not accepted; accepted: a number in \(0, 1\]", {}),
     ("mixup", {"config.data.mixup": "-1.0"}, r"--config.data.mixup: -1.0 is not accepted", {}),
-    ("teacher_size", {"config.teacher.input_size": "100"}, r"--config.teacher.input_size: 100 is not accepted; accepted: a positive multiple of 16", {}),
+    ("teacher_size", {"config.teacher.input_size": "100"}, r"--config.teacher.input_size: 100 is not accepted; accepted: 0 \(the teacher's own size\) or a positive multiple of 16", {}),
     ("checkpoint_every", {"config.distill.checkpoint_every": "0"}, r"--config.distill.checkpoint_every: 0 is not accepted", {}),
     ("mixed_precision", {"config.mixed_precision": "float16"}, r"--config.mixed_precision: 'float16' is not accepted; accepted: \('float32', 'mixed_bfloat16', 'mixed_float16', 'auto'\)", {}),
     ("npz_random_bytes", {"teacher": "{tmp}/random.npz"}, r"--teacher: cannot read '.*random.npz' as a Google ViT .npz", {}),
@@ -86,6 +98,12 @@ CASES = [
     ("teacher_file_other", {"teacher": "{tmp}/random.bin"}, r"--teacher: cannot read '.*random.bin' as a timm checkpoint", {}),
     ("safetensors_random_bytes", {"teacher": "{tmp}/random.safetensors"}, r"--teacher: cannot read '.*random.safetensors'", {}),
     ("resnet_checkpoint", {"teacher": "{tmp}/resnet18.pth"}, r"--teacher: '.*resnet18.pth' is not a ViT checkpoint: expected timm ViT keys", {}),
+    ("keras_not_a_classifier", {"teacher": "{tmp}/segmenter.keras"}, r"--teacher: '.*segmenter.keras': not an image classifier", {}),
+    ("keras_not_a_model", {"teacher": "{tmp}/junk.keras"}, r"--teacher: '.*junk.keras': cannot load it as a saved Keras model", {}),
+    ("keras_head_fits_nothing", {"teacher": "{tmp}/seven.keras"}, r"--teacher: '.*seven.keras': its head has 7 classes, which matches neither the data \(2 classes\) nor ImageNet-1k \(1000\)", {}),
+    ("data_partly_wnids", {"teacher": "{tmp}/seven.keras", "data": "{tmp}/partly_wnids"}, r"--teacher: 1 of the 2 data classes are not ImageNet wnids \(b\) while 1 are", {}),
+    ("keras_app_unknown", {"teacher": "keras.applications.ResNet5"}, r"--teacher: keras.applications.ResNet5 does not exist; did you mean ResNet50", {}),
+    ("teacher_plain_file", {"teacher": "{tmp}/notes.txt"}, r"--teacher: '.*notes.txt': not a teacher file; accepted: a timm", {}),
     ("teacher_folder_bad_weights", {"teacher": "{tmp}/bad_teacher_stage"}, r"--teacher=.*bad_teacher_stage: not a teacher folder of this project", {}),
     ("structured_keep", {"config.prune.method": "structured", "config.prune.keep": "1.5"}, r"--config.prune.keep: 1.5 is not accepted; accepted: a number in \(0, 1\]", {}),
     ("structured_family", {"config.prune.method": "structured", "student": "vit_tiny_patch16"}, r"structured pruning supports mobilevit_\*, efficientformer_\*, mobile_former_\*; not vit_tiny_patch16", {}),
@@ -126,6 +144,9 @@ def results(tmp_path_factory):
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp / "resnet18.pth")
     good = {"a": 2, "b": 2}
     _folder(tmp / "good", {"train": good, "val": good})
+    _folder(tmp / "partly_wnids", {"train": {"n01440764": 2, "b": 2},
+                                   "val": {"n01440764": 1, "b": 1}})
+    _keras_files(tmp)
     _folder(tmp / "no_val", {"train": good})
     _folder(tmp / "empty_class", {"train": {"a": 2, "b": 0}, "val": good})
     _folder(tmp / "val_differs", {"train": good, "val": {"a": 1, "c": 1}})

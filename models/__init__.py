@@ -1,5 +1,5 @@
-"""Keras models of the project: ViT teachers and MobileViT / Mobile-Former / EfficientFormer
-students, all registered by name (see `models.registry`)."""
+"""Keras models of the project: ViT and EfficientNet-Lite teachers and MobileViT / Mobile-Former /
+EfficientFormer students, all registered by name (see `models.registry`)."""
 
 from models.registry import ModelInfo, create_model, get_model_info, list_models, register_model
 

@@ -17,7 +17,8 @@ import importlib
 from typing import Callable
 
 # Modules that register models; imported lazily on first use so `import models` stays cheap.
-_MODEL_MODULES = ("models.vit", "models.mobilevit", "models.efficientformer", "models.mobile_former")
+_MODEL_MODULES = ("models.vit", "models.mobilevit", "models.efficientformer", "models.mobile_former",
+                  "models.efficientnet_lite")
 
 
 @dataclasses.dataclass(frozen=True)

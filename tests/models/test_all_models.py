@@ -28,20 +28,24 @@ import models
 from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS
 
-# The contract's names (../shared/CONTRACT.md); a missing or extra registration fails.
+# The contract's names (../shared/CONTRACT.md) and the EfficientNet-Lite teachers; a missing or
+# extra registration fails.
 STUDENTS = [
     "mobilevit_xxs", "mobilevit_xs", "mobilevit_s",
     "mobile_former_26m", "mobile_former_52m", "mobile_former_96m", "mobile_former_151m",
     "mobile_former_214m", "mobile_former_294m", "mobile_former_508m",
     "efficientformer_l1", "efficientformer_l3", "efficientformer_l7",
 ]
-TEACHERS = ["vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16"]
+TEACHERS = ["vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16",
+            "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_lite3",
+            "efficientnet_lite4"]
 
 NAMES = models.list_models()
 DYNAMIC = [n for n in NAMES if not models.get_model_info(n).fixed_size]
 # Export costs 10-200 s a model on a 2-core runner (Mobile-Former's graphs the most): the default
 # tier exports the smallest model of each family, the slow tier the others.
-TFLITE_DEFAULT = ("efficientformer_l1", "mobile_former_26m", "mobilevit_xxs", "vit_tiny_patch16")
+TFLITE_DEFAULT = ("efficientformer_l1", "mobile_former_26m", "mobilevit_xxs", "vit_tiny_patch16",
+                  "efficientnet_lite0")
 # Rebuilding a model from its config costs seconds for the large ones (the 7 Mobile-Formers most):
 # the default tier round-trips one model of each form (Mobile-Former grouped 26m and plain 52m),
 # the slow tier all of them. Every layer class appears in the default-tier set.

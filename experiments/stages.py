@@ -86,7 +86,10 @@ class Run:
     def teacher_size(self) -> int:
         """The size the teacher sees its images at: --config.teacher.input_size, else the size
         its weights were made for."""
-        return self.cfg.teacher.input_size or self.teacher_record.input_size or 224
+        rec = self.teacher_record
+        if rec.kind in ("keras_file", "keras_app") and rec.input_size:
+            return rec.input_size  # a Keras model built for one size runs at that size only
+        return self.cfg.teacher.input_size or rec.input_size or 224
 
     # ---------------------------------------------------------------------------------------
     def run_stage(self, name: str) -> None:
@@ -244,8 +247,8 @@ class Run:
 
         t, rec, size = self.cfg.teacher, self.teacher_record, self.teacher_size
         stage.begin({"teacher": self.teacher_arg, **t.to_dict()})
-        record = {"name": rec.architecture, "num_classes": self.num_classes, "input_size": size,
-                  **rec.to_json()}
+        record = {**rec.to_json(), "name": rec.architecture, "num_classes": self.num_classes,
+                  "input_size": size}
         if rec.kind == "folder":
             if stage.writes:  # a non-chief worker reads the source folder instead
                 atomic_copy(rec.weights, stage.weights)
@@ -253,15 +256,14 @@ class Run:
             teacher = self.load_teacher_from(stage if stage.writes else
                                              StageDir(*os.path.split(rec.source)))[0]
             m = self._evaluate_and_save(stage.path, teacher, size)
-            stage.finish({**m, "source": rec.source, "head": rec.head, "trained_steps": 0})
+            stage.finish({**m, "source": rec.source, "head": rec.head, "step": 0})
             return
         if not rec.trains:  # pretrained, teaching from step 0
             teacher = teachers.build(rec, self.num_classes, pretrained=True)
             stage.save_weights(teacher)
             stage.save_model_json(**record)
             m = self._evaluate_and_save(stage.path, teacher, size, logdir=self.tb / "teacher")
-            stage.finish({**m, "source": rec.source, "head": rec.head, "trained_steps": 0,
-                          "step": 0})
+            stage.finish({**m, "source": rec.source, "head": rec.head, "step": 0})
             return
 
         def build():

@@ -71,7 +71,7 @@ class TeacherRecord:
     source: str  # the --teacher value
     architecture: str  # registry name, keras.applications name, or the saved model's name
     weights: str  # "none" (trained from labels), a file, or "imagenet (keras.applications)"
-    num_classes: int | None  # rows of the head as found (None: no head)
+    source_classes: int | None  # rows of its head as found (None: no head)
     input_size: int | None  # the size it was made for (None: any)
     normalisation: dict  # x * scale + offset (after an RGB->BGR flip when bgr) on [0, 1] images
     spec: dict = dataclasses.field(default_factory=dict)  # what `build` needs
@@ -85,17 +85,17 @@ class TeacherRecord:
     def from_json(cls, d: dict) -> "TeacherRecord":
         if "kind" not in d:  # a teacher folder written before records: a registry ViT's spec
             return cls(kind="scratch", source=d.get("source", d["name"]), architecture=d["name"],
-                       weights="none", num_classes=d.get("num_classes"),
+                       weights="none", source_classes=d.get("num_classes"),
                        input_size=d.get("input_size"), normalisation=IDENTITY,
                        spec={"name": d["name"], "overrides": d.get("overrides", {})},
                        head="as saved")
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)}  # model.json's num_classes: the data's
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     @property
     def trains(self) -> bool:
         """Whether the teacher stage trains it (from labels, or fine-tuning a replaced head)."""
-        return self.head in ("trained from labels", "replaced, fine-tuned")
+        return self.head in ("trained from labels", "kept, fine-tuned", "replaced, fine-tuned")
 
     def describe(self) -> str:
         return f"{self.architecture} ({self.kind}; weights {self.weights}; head {self.head})"
@@ -113,7 +113,7 @@ def resolve(arg: str, *, input_size: int | None = None) -> TeacherRecord:
         if info.family == "efficientnet_lite":
             return _package(arg, info)
         return TeacherRecord(kind="scratch", source=arg, architecture=arg, weights="none",
-                             num_classes=None, input_size=input_size or info.default_size,
+                             source_classes=None, input_size=input_size or info.default_size,
                              normalisation=IDENTITY, spec={"name": arg})
     app = arg.removeprefix("keras.applications.")
     if not os.path.exists(arg) and (app != arg or _keras_app_constructor(app) is not None):
@@ -137,7 +137,7 @@ def _package(name: str, info) -> TeacherRecord:
 
     path = efficientnet_lite.packaged_weights(name)  # ValueError naming the package to install
     return TeacherRecord(kind="package", source=name, architecture=name, weights=path,
-                         num_classes=1000, input_size=info.default_size,
+                         source_classes=1000, input_size=info.default_size,
                          normalisation=_norm(**efficientnet_lite.NORMALISATION),
                          spec={"name": name})
 
@@ -156,7 +156,7 @@ def _folder(p: pathlib.Path) -> TeacherRecord:
                          f"registry name and num_classes, and its weights.h5): "
                          f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
     return TeacherRecord(kind="folder", source=str(p), architecture=inner.architecture,
-                         weights=str(p / "weights.h5"), num_classes=classes,
+                         weights=str(p / "weights.h5"), source_classes=classes,
                          input_size=inner.input_size, normalisation=inner.normalisation,
                          spec={"record": {**inner.to_json(), "num_classes": classes}},
                          head=f"as saved ({inner.head})" if inner.head else "as saved")
@@ -172,7 +172,7 @@ def _checkpoint(path: str, input_size: int | None) -> TeacherRecord:
     size = input_size or ckpt.arch["pos_grid"] * ckpt.arch["patch"]
     spec = vit_checkpoints.teacher_spec(path, input_size=size)
     return TeacherRecord(kind="checkpoint", source=path, architecture=f"ViT ({ckpt.describe()}, "
-                         f"{ckpt.layout})", weights=path, num_classes=ckpt.num_classes,
+                         f"{ckpt.layout})", weights=path, source_classes=ckpt.num_classes,
                          input_size=size, normalisation=_checkpoint_norm(path), spec=spec)
 
 
@@ -227,7 +227,7 @@ def _keras_file(path: str) -> TeacherRecord:
     size = _image_input(model, repr(path))
     head = _classifier_head(model, repr(path))
     return TeacherRecord(kind="keras_file", source=path, architecture=model.name, weights=path,
-                         num_classes=int(head.units), input_size=size,
+                         source_classes=int(head.units), input_size=size,
                          normalisation=_norm(255.0, 0.0), spec={"path": os.path.abspath(path)})
 
 
@@ -261,7 +261,7 @@ def _keras_app(name: str) -> TeacherRecord:
     size = _image_input(model, f"keras.applications.{name}")
     return TeacherRecord(kind="keras_app", source=f"keras.applications.{name}",
                          architecture=f"keras.applications.{name}",
-                         weights="imagenet (keras.applications)", num_classes=1000,
+                         weights="imagenet (keras.applications)", source_classes=1000,
                          input_size=size, normalisation=_KERAS_APP_NORM[mode],
                          spec={"app": name})
 
@@ -272,9 +272,9 @@ def plan_head(record: TeacherRecord, class_names) -> TeacherRecord:
     line) for a head that fits neither the data nor ImageNet-1k, or class names partly wnids."""
     n = len(class_names)
     if record.kind == "scratch":
-        return dataclasses.replace(record, head="trained from labels", num_classes=n)
+        return dataclasses.replace(record, head="trained from labels")
     rows = imagenet.head_indices(class_names)  # ValueError when partly wnids
-    c = record.num_classes
+    c = record.source_classes
     if record.kind == "folder":
         if c != n:
             raise ValueError(f"={record.source}: the teacher has {c} classes, --data has {n}")
@@ -306,7 +306,7 @@ def _core(record: TeacherRecord, *, pretrained: bool):
         return model, _classifier_head(model, record.source)
     from models import vit_checkpoints
 
-    classes = record.num_classes or 1000
+    classes = record.source_classes or 1000
     if record.kind == "package":
         model = models.create_model(record.spec["name"], num_classes=classes)
         if pretrained:

@@ -51,7 +51,7 @@ def test_keras_file_with_the_data_classes_teaches_as_saved(tmp_path, fmt):
     path = str(tmp_path / ("saved" if fmt == "savedmodel" else f"m.{fmt}"))
     model.save(path, **({"save_format": "tf"} if fmt == "savedmodel" else {}))
     rec = teachers.plan_head(teachers.resolve(path), [f"c{i}" for i in range(10)])
-    assert (rec.kind, rec.num_classes, rec.input_size, rec.head) == ("keras_file", 10, 32,
+    assert (rec.kind, rec.source_classes, rec.input_size, rec.head) == ("keras_file", 10, 32,
                                                                      "as saved")
     teacher = teachers.build(rec, 10, pretrained=True)
     x = np.random.default_rng(1).random((2, 32, 32, 3)).astype("float32")

@@ -1,5 +1,5 @@
 """The whole pipeline in one command: teacher -> distill -> prune -> qat -> export -> benchmark
--> report (../shared/CONTRACT.md).
+-> report (flags and workdir layout: README.md, docs/pipeline.md).
 
     python -m experiments.pipeline --student=mobilevit_xxs --teacher=vit_tiny_patch16 \
         --data=../shared/data/imagenette2-160 --workdir=runs/xxs --preset=quick
@@ -39,7 +39,7 @@ flags.DEFINE_string("teacher", None, "registry name of a ViT teacher (trained in
                     "stage), a teacher stage folder saved by this project, or a ViT checkpoint "
                     "to fine-tune: timm .pth/.safetensors, Hugging Face folder, Google .npz")
 flags.DEFINE_string("data", None, "folder with train/ and val/ class subfolders, or tfds:NAME")
-flags.DEFINE_string("workdir", None, "output folder (see CONTRACT.md for its layout)")
+flags.DEFINE_string("workdir", None, "output folder (layout: README.md, \"The workdir\")")
 flags.DEFINE_enum("preset", "smoke", PRESETS, "hyperparameter preset")
 flags.DEFINE_list("stages", list(STAGES), f"stages to run, a subset of {','.join(STAGES)}")
 flags.DEFINE_bool("overwrite", False, "redo the selected stages even if they are DONE")

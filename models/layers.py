@@ -125,7 +125,7 @@ def multi_head_attention(
 
     q, k and v are three Dense layers (the reference's fused qkv Linear is split when its
     weights are loaded): the same parameters, and no SPLIT_V op in TFLite graphs (XNNPACK
-    does not take it, see ../shared/reference/INT8.md).
+    does not take it).
 
     Args:
       x: tokens [B, N, C].

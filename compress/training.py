@@ -35,7 +35,7 @@ checks that the student was built that way. On this CPU (AVX512-BF16) it doubled
 training throughput; losses are always computed in float32. 'auto' picks the policy per device
 type (`auto_mixed_precision`); under 'mixed_float16' Keras wraps the optimizer in a
 LossScaleOptimizer. XLA: `train(jit_compile=True)` (config key `jit_compile`), off by default:
-slower on this CPU (README, "Scale-out").
+slower on CPUs (docs/scale_out.md).
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ def open_workdir(path: str) -> int:
         name = lock_name(FLAGS.strategy, os.environ.get("TF_CONFIG"))
     except ValueError as e:
         _fail(f"--strategy=multi_worker: {e}; accepted: the cluster and this task as JSON "
-              '(README, "Two machines")')
+              '(docs/scale_out.md, "Two machines")')
     try:
         p.mkdir(parents=True, exist_ok=True)
         return lock_workdir(p, name)

@@ -1,6 +1,6 @@
 """Small custom layers shared by every family, written for compression.
 
-Rules (see README, "Writing a model"):
+Rules (see CONTRIBUTING.md, "Writing a model"):
   * every layer is a stock Keras layer or one of the small layers here (or in a family
     module), so tfmot can see, prune and quantize each piece;
   * custom layers implement `get_config` (so `clone_model`, which pruning and QAT use,

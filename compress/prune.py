@@ -21,8 +21,8 @@ Differences from tfmot's own entry points: settings are checked before any cloni
 that cannot take them (2:4 on a kernel whose input dimension is not a multiple of 4; block
 sparsity on a 4-D conv kernel) raises a `ValueError` naming the layer and the setting instead of
 failing inside a traced training step. Pruning does not make TFLite faster on these models (no
-sparse kernels for attention, see ../shared/reference/ECOSYSTEM.md B5/B6); it makes gzip and
-`EXPERIMENTAL_SPARSITY` files smaller.
+sparse kernels for attention; XNNPACK's sparse inference path needs a pure conv network); it
+makes gzip and `EXPERIMENTAL_SPARSITY` files smaller.
 
 Distribution strategies: call `apply_pruning` inside `strategy.scope()` so the clone's variables
 (including masks and the pruning step) are created as distributed variables.

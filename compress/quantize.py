@@ -7,7 +7,7 @@ TFLite file matches what the model learned.
 
 Why not `tfmot.quantization.keras.quantize_model(model)`: tfmot's default 8-bit registry knows
 no LayerNormalization, Subtract, Multiply, Average, MultiHeadAttention or custom layer and raises
-at the first one (see ../shared/reference/STACK.md 2b). So every layer class is looked up in one
+at the first one ("Layer ... is not supported"). So every layer class is looked up in one
 table, `QUANTIZE` (class name -> `Spec`), and annotated by a `clone_function`; then
 `quantize_apply` runs inside `quantize_scope()`. Layer classes deliberately left in float go in
 `KEEP_FLOAT` (class name -> reason; annotated with a no-op config). A class in neither table
@@ -35,7 +35,8 @@ variables, but received 3"); save weights as `.h5` or a TF checkpoint and rebuil
 
 Convert with `tf.lite.TFLiteConverter.from_keras_model(qat)`, `optimizations=[DEFAULT]` *and* a
 `representative_dataset`: without it LayerNorm pieces, FULLY_CONNECTED on rank-3 inputs and
-some BATCH_MATMULs stay float (STACK.md 2c).
+some BATCH_MATMULs stay float (a BATCH_MATMUL whose output is not fake-quantized, e.g. q·kᵀ
+followed by its scale).
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ QUANTIZE: dict[str, Spec] = {
     # Stock layers tfmot 0.8.1 does not know.
     "LayerNormalization": output("tfmot has no LN config; gamma/beta stay float in QAT, the "
                                  "converter calibrates the LN pieces"),
-    "Softmax": noop("kept float on purpose: XNNPACK has no int8 SOFTMAX (INT8.md), so an int8 "
+    "Softmax": noop("kept float on purpose: XNNPACK has no int8 SOFTMAX, so an int8 "
                     "softmax splits the graph; the export calibrates its output for attn·v"),
     "AxisSoftmax": noop("a softmax written as max/exp/sum/div ops: kept float like Softmax (the "
                         "export keeps its ops float)"),
@@ -293,7 +294,7 @@ def spec_for(layer) -> Spec:
     if cls in QUANTIZE and QUANTIZE[cls].kind == "output" or cls == "MatMul":
         if _feeds_only_softmax(layer):
             # Attention logits (q·kᵀ, + bias) stay float: an int8 logit tensor makes the
-            # converter emit an int8 SOFTMAX, which XNNPACK does not take (INT8.md); measured on
+            # converter emit an int8 SOFTMAX, which XNNPACK does not take; measured on
             # mobilevit_xxs: 10 partitions with it, 1 without.
             return noop("attention logits feeding the float softmax")
     if cls in QUANTIZE:

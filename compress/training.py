@@ -35,7 +35,7 @@ checks that the student was built that way. On this CPU (AVX512-BF16) it doubled
 training throughput; losses are always computed in float32. 'auto' picks the policy per device
 type (`auto_mixed_precision`); under 'mixed_float16' Keras wraps the optimizer in a
 LossScaleOptimizer. XLA: `train(jit_compile=True)` (config key `jit_compile`), off by default:
-slower on this CPU (README, "Scale-out").
+slower on CPUs (docs/scale_out.md).
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def auto_mixed_precision(devices: list[dict] | None = None,
       TPU                                           -> 'mixed_bfloat16' (the MXU's type)
       GPU of compute capability >= 7.0 (tensor cores) -> 'mixed_float16' (with loss scaling;
                                                        float16 is as fast as bfloat16 on >= 8.0)
-      CPU with AVX512-BF16 or AMX-BF16              -> 'mixed_bfloat16' (2x ViT-Ti training on
-                                                       this project's Xeon, STACK.md section 8)
+      CPU with AVX512-BF16 or AMX-BF16              -> 'mixed_bfloat16' (2x ViT-Ti training
+                                                       throughput on a 2-core Xeon with AMX)
       anything else                                 -> 'float32'
 
     `devices`: dicts with 'device_type' ('TPU', 'GPU', 'CPU') and, for GPUs,

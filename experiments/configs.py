@@ -37,12 +37,12 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     # Seeds weight initialisation, dropout, augmentation and the sampler (compress.training.seed).
     c.seed = 0
     # Deterministic TF ops (tf.config.experimental.enable_op_determinism): the same seed gives
-    # the same figures; false turns it off (its cost: README, "The pipeline").
+    # the same figures; false turns it off (its cost: docs/pipeline.md).
     c.deterministic = True
     # teacher and distill stages only (pruning, QAT and export run in float32)
     # compress.training.PRECISIONS; 'auto': bfloat16 on TPUs and BF16 CPUs, float16 on GPUs
     c.mixed_precision = "float32" if smoke else "mixed_bfloat16"
-    # XLA for every training step (static shapes help it: see README "Scale-out"); slower here
+    # XLA for every training step (static shapes help it: docs/scale_out.md); slower on CPUs
     c.jit_compile = False
 
     c.data = dict(
@@ -73,7 +73,8 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         temperature=2.0,
         # Also train a labels-only student at the same steps, data and seed: report.md opens
         # with the distillation gain over it (paired, on the same validation images). On in
-        # smoke and quick (the teacher cache pays for about a fifth of it there, README); off in
+        # smoke and quick (the teacher cache pays for about a fifth of it there,
+        # docs/results/2026-12-02-teacher-cache.md); off in
         # full (a second full-length run).
         baseline=smoke or quick,
         # The teacher's outputs computed once (experiments/data/teacher_cache.py): `views`
@@ -118,7 +119,8 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         **_kd(),
         checkpoint_every=10 if smoke else 200,
         # quick: 300 steps left the QAT int8 file 1.1 points under the distilled fp32 one on
-        # Imagenette, 600 steps 0.2 (README); ~8 more minutes on 2 cores
+        # Imagenette, 600 steps 0.2 (docs/results/2026-11-25-quick-mobilevit-xxs.md); ~8 more
+        # minutes on 2 cores
         **_optim(steps=4 if smoke else (600 if quick else 10_000), lr=1e-4,
                  weight_decay=0.0, warmup_steps=0, label_smoothing=0.1),
     )

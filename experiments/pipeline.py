@@ -1,5 +1,5 @@
 """The whole pipeline in one command: teacher -> distill -> prune -> qat -> export -> benchmark
--> report (../shared/CONTRACT.md).
+-> report (flags and workdir layout: README.md, docs/pipeline.md).
 
     python -m experiments.pipeline --student=mobilevit_xxs --teacher=vit_tiny_patch16 \
         --data=../shared/data/imagenette2-160 --workdir=runs/xxs --preset=quick
@@ -41,7 +41,7 @@ flags.DEFINE_string("teacher", None, "a registry name (trained in the teacher st
                     ".safetensors, Hugging Face folder, Google .npz), a Keras classifier "
                     "(.keras, .h5, SavedModel folder) or keras.applications.NAME")
 flags.DEFINE_string("data", None, "folder with train/ and val/ class subfolders, or tfds:NAME")
-flags.DEFINE_string("workdir", None, "output folder (see CONTRACT.md for its layout)")
+flags.DEFINE_string("workdir", None, "output folder (layout: README.md, \"The workdir\")")
 flags.DEFINE_enum("preset", "smoke", PRESETS, "hyperparameter preset")
 flags.DEFINE_list("stages", list(STAGES), f"stages to run, a subset of {','.join(STAGES)}")
 flags.DEFINE_bool("overwrite", False, "redo the selected stages even if they are DONE")
@@ -187,7 +187,7 @@ def open_workdir(path: str) -> int:
         name = lock_name(FLAGS.strategy, os.environ.get("TF_CONFIG"))
     except ValueError as e:
         _fail(f"--strategy=multi_worker: {e}; accepted: the cluster and this task as JSON "
-              '(README, "Two machines")')
+              '(docs/scale_out.md, "Two machines")')
     try:
         p.mkdir(parents=True, exist_ok=True)
         return lock_workdir(p, name)

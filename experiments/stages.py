@@ -671,7 +671,7 @@ class Run:
         gain = self.distillation_gain()
         summary.insert_after_title(report, [gain["line"], "", self.teacher_line()])
         rows = table.read_results(str(self.workdir))
-        for r in rows:  # the run's training figures, appended columns (CONTRACT: more may follow)
+        for r in rows:  # the run's training figures, appended columns (read by name)
             r.update(teacher_top1=gain["teacher_top1"], baseline_top1=gain["baseline_top1"])
         table.write_results(str(self.workdir), rows, merge=False)
         write_hparams(str(self.workdir), [

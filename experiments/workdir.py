@@ -1,4 +1,4 @@
-"""The workdir layout of ../shared/CONTRACT.md and the files every stage writes.
+"""The public workdir layout (README.md, "The workdir") and the files every stage writes.
 
     DIR/<stage>/config.json   resolved configuration of the stage
     DIR/<stage>/model.json    registry name, overrides and wrappers needed to rebuild the model

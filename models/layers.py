@@ -1,6 +1,6 @@
 """Small custom layers shared by every family, written for compression.
 
-Rules (see README, "Writing a model"):
+Rules (see CONTRIBUTING.md, "Writing a model"):
   * every layer is a stock Keras layer or one of the small layers here (or in a family
     module), so tfmot can see, prune and quantize each piece;
   * custom layers implement `get_config` (so `clone_model`, which pruning and QAT use,
@@ -125,7 +125,7 @@ def multi_head_attention(
 
     q, k and v are three Dense layers (the reference's fused qkv Linear is split when its
     weights are loaded): the same parameters, and no SPLIT_V op in TFLite graphs (XNNPACK
-    does not take it, see ../shared/reference/INT8.md).
+    does not take it).
 
     Args:
       x: tokens [B, N, C].

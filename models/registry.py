@@ -1,4 +1,4 @@
-"""Model registry: `create_model`, `list_models`, `get_model_info` (see ../shared/CONTRACT.md).
+"""Model registry: `create_model`, `list_models`, `get_model_info` (README.md, "Models").
 
 Each architecture module registers its variants with `@register_model(...)`, timm style:
 

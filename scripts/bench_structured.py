@@ -1,5 +1,6 @@
 """Latency and size of structured-pruned students against the dense ones, and whether magnitude
-sparsity buys anything under XNNPACK (issue 17's front, measured without training).
+sparsity buys anything under XNNPACK (the structured front, measured without training;
+docs/structured_pruning.md).
 
     python scripts/bench_structured.py --models=mobilevit_xxs:256,efficientformer_l1:224 \
         --keeps=1,0.7,0.55,0.4 --calib_dir=../shared/data/imagenette2-160/train \

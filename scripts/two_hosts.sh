@@ -1,5 +1,6 @@
 #!/bin/bash
-# The README's two-machine launch (`--strategy=multi_worker`), on one Linux box as two "hosts":
+# The two-machine launch of docs/scale_out.md (`--strategy=multi_worker`), on one Linux box as
+# two "hosts":
 # two network namespaces joined by a veth pair, each worker seeing only its own address
 # (10.0.0.1, 10.0.0.2), the workdir a folder both see (as NFS would be). Needs root (ip netns).
 #

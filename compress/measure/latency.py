@@ -1,9 +1,9 @@
 """Latency of a TFLite file, timed in a fresh process.
 
 The harness follows the method of TFLite's `benchmark_model` tool (warm-up runs, then at least
-`runs` timed `invoke()` calls and at least `min_secs` seconds; see ../shared/reference/ECOSYSTEM.md
-§C) but runs the Python `ai_edge_litert` interpreter, because the C++ binary is not shipped in any
-PyPI wheel. Differences from `benchmark_model`:
+`runs` timed `invoke()` calls and at least `min_secs` seconds) but runs the Python
+`ai_edge_litert` interpreter, because the C++ binary is not shipped in any PyPI wheel.
+Differences from `benchmark_model`:
 
 - every configuration runs in a fresh Python process (`compress.child.run_in_child`; this module
   and what it imports load only numpy and ai_edge_litert, never TensorFlow), so one file's weight packing, allocator state or
@@ -25,7 +25,7 @@ measured here, one thread, a 3x3 s2 3->16 stem at 256 px 0.65 ms with AMX vs 0.1
 XNNPACK has no switch for this, but it only uses AMX after the kernel grants the process
 permission (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); `measure_latency(..., deny_amx=True)` installs a
 seccomp filter in the child that refuses that one request, so XNNPACK falls back to AVX512-VNNI,
-the int8 path of CPUs without AMX (the AMD EPYC of the issues). Results say `amx`: `absent` (no
+the int8 path of CPUs without AMX (e.g. AMD EPYC). Results say `amx`: `absent` (no
 AMX on the CPU), `available` (XNNPACK may use it) or `denied`.
 
 Command line (one measurement, JSON on stdout):

@@ -1,7 +1,7 @@
 """`results.csv`: one row per measured configuration, merged by key, written atomically.
 
-`results.csv` holds one row per (TFLite file, threads, delegate) with the columns of
-../shared/CONTRACT.md in order (`COLUMNS`), followed by `EXTRA_COLUMNS` (the measurement's
+`results.csv` holds one row per (TFLite file, threads, delegate) with the public
+columns users rely on, in order (`COLUMNS`), followed by `EXTRA_COLUMNS` (the measurement's
 conditions: runtime version, warm-up/run counts, host CPU) and any further keys rows carry.
 Writing merges by key, so a resumed benchmark replaces its rows instead of duplicating them, and
 the file is replaced atomically (a crash never leaves half a CSV).

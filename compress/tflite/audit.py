@@ -5,13 +5,13 @@
   file with XNNPACK or only without default delegates, and the sparsity of the prunable weights.
 * `parity(model, path, images)`: Keras-vs-TFLite max |diff| and top-1 agreement.
 
-How delegation is measured (reference/INT8.md): `_get_ops_details()` lists the graph's nodes and
-then the DELEGATE nodes. The number of partitions is the number of DELEGATE nodes with the default
-node fusion; which ops a delegate took is read from a second interpreter built with
+How delegation is measured: `_get_ops_details()` lists the graph's nodes and then the DELEGATE
+nodes. The number of partitions is the number of DELEGATE nodes with the default node fusion;
+which ops a delegate took is read from a second interpreter built with
 `experimental_disable_delegate_node_fusion=True`, where every delegated op gets its own DELEGATE
 node with exactly that op's outputs. Running a file can abort the process (16x8 files with
-LayerNorm SIGABRT in `allocate_tensors`, INT8.md §2), so `audit_tflite` probes in a child process
-by default and reports a crash instead of dying with it.
+LayerNorm SIGABRT in `allocate_tensors` in ai-edge-litert 2.3.0), so `audit_tflite` probes in a
+child process by default and reports a crash instead of dying with it.
 """
 
 from __future__ import annotations

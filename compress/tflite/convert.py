@@ -5,7 +5,7 @@ stripped, or tfmot QAT-wrapped) from a concrete function whose input is pinned t
 so the file has static shapes and no run-time shape ops (ECOSYSTEM §B9), with builtin ops only
 (never SELECT_TF_OPS), and writes it atomically (temporary file + rename).
 
-Formats (CONTRACT.md, `results.csv` column `format`):
+Formats (the public names of `results.csv` column `format`):
 
 | fmt           | converter settings                                                          |
 |---------------|-----------------------------------------------------------------------------|

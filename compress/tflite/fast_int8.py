@@ -1,4 +1,4 @@
-"""The fast int8 path (`xnnpack_friendly=True`, the default for `int8`; reference/INT8.md): XNNPACK
+"""The fast int8 path (`xnnpack_friendly=True`, the default for `int8`): XNNPACK
 has no int8 kernels for SOFTMAX, GELU, HARD_SWISH, AVERAGE_POOL_2D, SQUARED_DIFFERENCE, RSQRT,
 and the int8 ADD/SUB of a LayerNorm fail its scale-ratio checks, so a plain full-int8 transformer
 falls apart into many partitions with int8 ops on the slow builtin kernels. Here:
@@ -58,7 +58,7 @@ from models.compat import keras
 MIN_RANGE = 1e-3
 
 
-# Op types whose int8 form XNNPACK does not take (INT8.md §1, xnnpack_delegate.cc) but whose float
+# Op types whose int8 form XNNPACK does not take (XNNPACK's xnnpack_delegate.cc) but whose float
 # form it does: kept float in the xnnpack-friendly int8 file.
 FLOAT_ONLY_IN_XNNPACK_INT8 = ("SOFTMAX", "GELU", "HARD_SWISH", "AVERAGE_POOL_2D",
                               "SQUARED_DIFFERENCE", "RSQRT", "SQRT", "DIV", "EXP", "LOG",

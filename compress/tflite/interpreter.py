@@ -1,7 +1,7 @@
 """The project's one way to build and run an `ai_edge_litert` interpreter.
 
 * `make_interpreter(path, threads, delegate)`: the XNNPACK default delegate or none; dynamic
-  inputs resized before the first `allocate_tensors` (reference/STACK.md §2d).
+  inputs resized before the first `allocate_tensors`.
 * `set_input` / `get_output`: float in and out whatever the file's I/O type (int8 and int16
   tensors are quantized and dequantized with the file's scale and zero point); `run_tflite` runs
   a batch of images through a batch-1 file; `ImageRunner` feeds images one at a time and
@@ -10,7 +10,7 @@
   from its graph) and `probe_delegation` (the same, from a second interpreter without delegate
   node fusion, plus whether the file runs), and `probe_delegation_isolated`, which probes in a
   child process because running a file can abort the process (16x8 files with LayerNorm
-  SIGABRT in `allocate_tensors`, INT8.md §2).
+  SIGABRT in `allocate_tensors` in ai-edge-litert 2.3.0).
 
 Imports only NumPy and ai_edge_litert (never TensorFlow): the fresh measuring processes of
 `compress.measure.latency` use it.

@@ -66,7 +66,7 @@ def files(tmp_path_factory):
         "int8": _convert(model, d / "tiny.distill.int8.tflite", int8=True, rep=rep, int8_io=True),
     }
     # A Dense net with 80 % zero kernels, stored sparse: XNNPACK in ai-edge-litert 2.3.0 refuses
-    # to prepare its int8 FULLY_CONNECTED nodes (STACK.md §2d).
+    # to prepare its int8 FULLY_CONNECTED nodes ("failed to delegate FULLY_CONNECTED node").
     inp = keras.Input((32,))
     x = keras.layers.Dense(64, activation="relu", name="d1")(inp)
     dense = keras.Model(inp, keras.layers.Dense(CLASSES, name="head")(x))

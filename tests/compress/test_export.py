@@ -203,7 +203,7 @@ def test_int16x8_is_audited_without_crashing(audits):
     a = audits["int16x8"]
     assert set(a["ops_by_dtype"]["FULLY_CONNECTED"]) == {"INT16"}
     assert set(a["runnable"]) == {"xnnpack", "none"}
-    # XNNPACK has no int16 kernels (INT8.md): nothing is delegated even when the file runs
+    # XNNPACK has no int16 kernels: nothing is delegated even when the file runs
     if a["runnable"]["xnnpack"]:
         assert a["undelegated_ops"].get("FULLY_CONNECTED", 0) > 0
     else:

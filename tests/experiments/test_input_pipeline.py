@@ -69,7 +69,7 @@ def _batches(ds, n):
 
 def test_resolution_set_and_batches_match_ml_cvnets():
     s = ip.MultiScaleSampler()
-    # ARCHITECTURES.md §6 (computed with the ml-cvnets functions).
+    # MobileViT's sampler: computed with the ml-cvnets functions (base 256 x 128).
     assert s.sizes == [160, 192, 256, 288, 320]
     assert s.batches == [327, 227, 128, 101, 81]
     assert ip.MultiScaleSampler(base_batch=64).batches == [163, 113, 64, 50, 40]

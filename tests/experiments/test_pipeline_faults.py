@@ -84,7 +84,7 @@ def test_kill_anywhere_then_resume_equals_an_unbroken_run(smoke_run, run_pipelin
     for rel in files:  # deterministic training and conversion: the same bytes
         assert (work / rel).read_bytes() == (unbroken / rel).read_bytes(), rel
 
-    # 3. benchmark: the case. Killed after --overwrite once the first row is written;
+    # 3. benchmark: killed after --overwrite once the first row is written;
     # the old DONE must be gone, so the plain resume measures the rest.
     (work / "results.csv").unlink(missing_ok=True)
     _kill_when(work, data, lambda: len(_rows(work)) >= 1, "--stages=benchmark", "--overwrite")

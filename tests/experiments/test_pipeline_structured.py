@@ -1,4 +1,4 @@
-"""Structured pruning in the pipeline (issue 17's smoke check), on Mobile-Former: the prune stage
+"""Structured pruning in the pipeline (the smoke preset), on Mobile-Former: the prune stage
 cuts the distilled student to a smaller dense model that `prune/model.json` rebuilds without
 compress/structured.py, and QAT and export work from it (its files smaller than the dense ones,
 its int8 files on the dense file's fast path)."""

@@ -28,8 +28,8 @@ import models
 from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS
 
-# The contract's names (../shared/CONTRACT.md) and the EfficientNet-Lite teachers; a missing or
-# extra registration fails.
+# The public model names (README.md, "Models"), the EfficientNet-Lite teachers included; a
+# missing or extra registration fails.
 STUDENTS = [
     "mobilevit_xxs", "mobilevit_xs", "mobilevit_s",
     "mobile_former_26m", "mobile_former_52m", "mobile_former_96m", "mobile_former_151m",

@@ -392,7 +392,7 @@ def test_configs_follow_the_reference_tables():
                                   ("26m", "52m", "96m", "151m", "214m", "294m", "508m"))
     assert all((i.default_size, i.size_divisor, i.family) == (224, 32, "mobile_former")
                for i in info.values())
-    # 508M widths printed from the reference model (ARCHITECTURES.md §3.3)
+    # 508M widths printed from the official reference model
     model = models.create_model("mobile_former_508m", input_size=224)
 
     def dw(name):

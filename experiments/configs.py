@@ -41,7 +41,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c.deterministic = True
     # teacher and distill stages only (pruning, QAT and export run in float32)
     # compress.training.PRECISIONS; 'auto': bfloat16 on TPUs and BF16 CPUs, float16 on GPUs
-    c.mixed_precision = "float32" if smoke else "mixed_bfloat16"
+    c.mixed_precision = "float32" if smoke else "auto"
     # XLA for every training step (static shapes help it: docs/scale_out.md); slower on CPUs
     c.jit_compile = False
 

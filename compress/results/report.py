@@ -42,6 +42,8 @@ def glance_lines(rows: Sequence[dict]) -> list[str]:
             d_top1 = f"{100 * (top1 - num(base['top1'])):+.1f}"
         if base is not None and p50 and num(base.get("latency_p50_ms")):
             speed = f"{num(base['latency_p50_ms']) / p50:.2f}x"
+            if host_of(r) != host_of(base):  # latencies of two machines: no speed-up
+                speed = f"none: measured on {host_of(r)}, its reference on {host_of(base)}"
         size, macs = num(r.get("size_bytes")), num(r.get("macs"))
         sparsity = num(r.get("sparsity"))
         timed = f"{p50:.2f}" if p50 else ""
@@ -59,6 +61,11 @@ def glance_lines(rows: Sequence[dict]) -> list[str]:
             _md_value(r.get("float_heavy_ops"), "float_heavy_ops"),
         ]) + " |")  # fmt: skip
     return out
+
+
+def host_of(row: dict) -> str:
+    """The machine a row was measured on (`host`, else the older `cpu` column)."""
+    return str(row.get("host") or row.get("cpu") or "unknown host").replace("|", "/")
 
 
 def _stage_name(row: dict) -> str:

@@ -4,7 +4,7 @@ A stage's fingerprint is a hash of its inputs: the config keys it reads (its own
 top-level keys it uses: seed, precision, determinism...; `IGNORED_KEYS` left out), the student,
 the data's identity, the teacher's identity, the project's source code and the fingerprints of
 the stages it reads (`UPSTREAM`). The inputs and the hash are written to the stage's
-`fingerprint.json` when it starts, and the hash goes into its `metrics.json` with the code
+`fingerprint.json` when it begins (after its config.json), and the hash goes into its `metrics.json` with the code
 version, runtime and host (`provenance`).
 
 `check_stages` runs before any stage: a selected stage that is finished or started under
@@ -22,8 +22,6 @@ import os
 import pathlib
 import platform
 import subprocess
-
-from compress.io import write_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECORD = "fingerprint.json"
@@ -302,9 +300,9 @@ def check_stages(run, selected, *, overwrite: bool) -> str | None:
     return None
 
 
-def start(run, stage) -> dict:
-    """The record of `stage` (planned by `check_stages`, else made now), written to its folder
-    before its work begins; returns the provenance its metrics.json carries."""
+def prepare(run, stage) -> None:
+    """Give `stage` (a StageDir) its record (planned by `check_stages`, else made now), which
+    its `begin` writes as fingerprint.json, and the provenance its metrics.json carries."""
     plan = getattr(run, "plan", None)
     if plan is None or stage.name not in plan:
         planned = {}
@@ -312,17 +310,13 @@ def start(run, stage) -> dict:
             rec = read_record(run.workdir / s)
             if rec and (run.workdir / s / "DONE").exists():
                 planned[s] = rec["fingerprint"]
-        plan = getattr(run, "plan", None) or {}
+        run.plan = plan = plan or {}
         plan[stage.name] = make_record(run, stage.name, planned)
-        run.plan = plan
-    record = plan[stage.name]
-    if stage.writes:
-        stage.path.mkdir(parents=True, exist_ok=True)
-        write_json(stage.path / RECORD, record)
+    stage.record = plan[stage.name]
     threads = None
     if stage.name == "benchmark":
         threads = [t or os.cpu_count() for t in run.cfg.benchmark.threads]
-    return provenance(record["fingerprint"], threads)
+    stage.provenance = provenance(stage.record["fingerprint"], threads)
 
 
 def provenance(fingerprint: str, threads=None) -> dict:
@@ -362,6 +356,11 @@ def report_lines(workdir) -> list[str]:
     v = runtime_versions()
     h = host()
     fps = ", ".join(f"{s} `{fp}`" for s in STAGES if (fp := stage_fingerprint(workdir, s)))
+    try:
+        threads = json.loads((pathlib.Path(workdir) / "benchmark" / "metrics.json").read_text())
+        threads = ", ".join(map(str, threads["host"]["threads"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        threads = "unknown"
     return [f"Made by code {code_version()} with TensorFlow {v['tensorflow']} and LiteRT "
-            f"{v['litert']} on {h['cpu']} ({h['cores']} cores, {h['usable_cores']} usable). "
-            f"Stage fingerprints: {fps}."]
+            f"{v['litert']} on {h['cpu']} ({h['cores']} cores, {h['usable_cores']} usable; "
+            f"benchmark threads {threads}). Stage fingerprints: {fps}."]

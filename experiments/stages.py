@@ -90,7 +90,7 @@ class Run:
         from compress import training
         from experiments import fingerprint
 
-        stage.provenance = fingerprint.start(self, stage)  # fingerprint.json, before any work
+        fingerprint.prepare(self, stage)  # its begin() writes fingerprint.json before any work
 
         # Mixed precision speeds up the long float trainings; pruning wrappers, QAT fake-quant,
         # export and measurement run in float32.

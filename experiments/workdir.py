@@ -93,6 +93,7 @@ class StageDir:
         self.path = pathlib.Path(workdir) / name
         self.ckpt = self.path / "ckpt"
         self.weights = self.path / "weights.h5"
+        self.record = None  # experiments/fingerprint.py: written as fingerprint.json by begin
         self.provenance = {}  # fingerprint, code, runtime, host: added to metrics.json
 
     @property
@@ -121,6 +122,8 @@ class StageDir:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / "config.json", config)
+        if self.record is not None:
+            write_json(self.path / "fingerprint.json", self.record)
 
     def save_model_json(self, *, name: str, num_classes: int, overrides: dict | None = None,
                         wrappers: tuple = (), **extra) -> None:

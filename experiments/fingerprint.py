@@ -215,15 +215,26 @@ def read_record(path) -> dict | None:
 
 def _short(value) -> str:
     if isinstance(value, dict):
-        if "name" in value and "path" not in value:
-            return str(value["name"])
+        if "cpu" in value:
+            return host_label(value)
         if "path" in value:
             return str(value["path"])
+        if "name" in value:
+            return " ".join(str(value[k]) for k in ("name", "version") if value.get(k))
         return f"{value.get('files')} files"
     return json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
 
 
-def differences(old: dict, new: dict, planned_by: str = "redone") -> dict[str, list[str]]:
+def _files_change(a: dict, b: dict) -> str:
+    """Two listings of one folder or file (`_tree`) that differ."""
+    if a.get("files") != b.get("files"):
+        return f"{a.get('files')} files -> {b.get('files')} files"
+    if a.get("bytes") != b.get("bytes"):
+        return f"{a.get('bytes'):,} bytes -> {b.get('bytes'):,} bytes in {b.get('files')} files"
+    return f"{b.get('files')} files with other names or modification times"
+
+
+def differences(old: dict, new: dict) -> dict[str, list[str]]:
     """{what: [detail, ...]} between two records' components, e.g.
     {"config": ["steps 6 -> 12", "lr 0.002 -> 0.01"]}."""
     a, b = old.get("components", {}), new.get("components", {})
@@ -235,18 +246,19 @@ def differences(old: dict, new: dict, planned_by: str = "redone") -> dict[str, l
                 f"{k} {_short(ca.get(k, '(unset)'))} -> {_short(cb.get(k, '(unset)'))}")
     for what in ("student", "export_size", "teacher", "data", "host"):
         if a.get(what) != b.get(what):
-            va, vb = _short(a.get(what)), _short(b.get(what))
-            if va == vb and isinstance(b.get(what), dict):  # same name or count: other files
-                va, vb = f"{va} ({a.get(what, {}).get('bytes')} bytes)", \
-                    f"{vb} ({b.get(what, {}).get('bytes')} bytes)"
-            out.setdefault(what, []).append(f"{va} -> {vb}")
+            x, y = a.get(what), b.get(what)
+            if all(isinstance(v, dict) and "files" in v for v in (x, y)) \
+                    and x.get("path") == y.get("path"):  # the same folder or file, changed
+                out[what] = [_files_change(x, y)]
+            else:
+                out[what] = [f"{_short(x)} -> {_short(y)}"]
     if a.get("code") != b.get("code"):
         out["code"] = [f"{old.get('code_version')} -> {new.get('code_version')} "
                        "(the sources differ)"]
     ua, ub = a.get("upstream", {}), b.get("upstream", {})
     for u in UPSTREAM.get(new.get("stage"), ()):
         if ua.get(u) != ub.get(u):
-            state = "that is missing" if u not in ub else f"that was {planned_by}"
+            state = "that is missing" if u not in ub else "that was redone"
             out.setdefault("inputs", []).append(f"made from a {u} stage {state}")
     return out
 
@@ -285,7 +297,7 @@ def check_stages(run, selected, *, overwrite: bool) -> str | None:
                             "the pipeline); rerun with --overwrite or use another --workdir")
                 continue  # nothing was started under a fingerprint: started afresh
             if old.get("fingerprint") != new["fingerprint"]:
-                diff = differences(old, new, "run now") or {"inputs": ["other inputs"]}
+                diff = differences(old, new) or {"inputs": ["other inputs"]}
                 return refusal(stage, diff, started=not sdir.done)
         elif sdir.done:
             if old is None:

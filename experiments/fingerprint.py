@@ -4,8 +4,8 @@ A stage's fingerprint is a hash of its inputs: the config keys it reads (its own
 top-level keys it uses: seed, precision, determinism...; `IGNORED_KEYS` left out), the student,
 the data's identity, the teacher's identity, the project's source code and the fingerprints of
 the stages it reads (`UPSTREAM`). The inputs and the hash are written to the stage's
-`fingerprint.json` when it begins (after its config.json), and the hash goes into its `metrics.json` with the code
-version, runtime and host (`provenance`).
+`fingerprint.json` when it begins (after its config.json), and the hash goes into its
+`metrics.json` with the code version, runtime and host (`provenance`).
 
 `check_stages` runs before any stage: a selected stage that is finished or started under
 another fingerprint is refused without `--overwrite` (one line naming what differs), and a
@@ -47,6 +47,8 @@ READS = {"teacher": ("teacher", "mixed_precision", *_TRAINING),
          "export": ("export", "seed", "data"),
          "benchmark": ("benchmark", "eval_batch_size", "data"),
          "report": ("preset",)}
+# A structured prune to a latency budget times int8 files as the export and benchmark would.
+_LATENCY_BUDGET = ("export.xnnpack_friendly", "export.float_layers", "benchmark.deny_amx")
 
 
 def _digest(obj) -> str:
@@ -89,7 +91,8 @@ def data_identity(data: str, train_src=None) -> dict:
 @functools.lru_cache(maxsize=None)
 def code_digest() -> str:
     """A digest of the project's Python sources (what computes every figure)."""
-    files = sorted(p for d in ("compress", "experiments", "models") for p in (REPO / d).rglob("*.py"))
+    files = sorted(p for d in ("compress", "experiments", "models")
+                   for p in (REPO / d).rglob("*.py"))
     h = hashlib.sha256()
     for p in files:
         h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes())
@@ -166,7 +169,10 @@ def _config_keys(cfg, stage: str) -> dict:
         elif not any(prefix == k or prefix.endswith("." + k) for k in IGNORED_KEYS):
             out[prefix] = value
 
-    for i, key in enumerate(READS[stage]):
+    keys = READS[stage]
+    if stage == "prune" and cfg.prune.method == "structured" and cfg.prune.target_ms:
+        keys += _LATENCY_BUDGET
+    for i, key in enumerate(keys):
         value = cfg
         for part in key.split("."):
             value = value[part]

@@ -308,7 +308,7 @@ def main(argv):
                          export_size=FLAGS.export_size, overwrite=FLAGS.overwrite)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: tfds offline
         _fail(" ".join(str(e).split()))
-    if run.chief:  # what each stage is made from, checked before any work (experiments/fingerprint.py)
+    if run.chief:  # what each stage is made from, checked before any work (fingerprint.py)
         from experiments.fingerprint import check_stages
 
         refusal = check_stages(run, [s for s in STAGES if s in FLAGS.stages],

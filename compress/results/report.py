@@ -300,6 +300,8 @@ def write_report(
     p3 = _plot(points, "size_bytes", "top1", "file size (bytes)", "top-1",
                "size vs top-1", os.path.join(out_dir, PLOTS[2]), with_workdir, logx=True)  # fmt: skip
     front = front_plot(points, os.path.join(out_dir, FRONT))
+    if not front and os.path.exists(os.path.join(out_dir, FRONT)):  # an earlier run's
+        os.remove(os.path.join(out_dir, FRONT))
     cols = (("workdir",) if with_workdir else ()) + _TABLE
     lines = [f"# {title or 'TFLite benchmark report'}", "", "## Machine", ""]
     for m in machines:

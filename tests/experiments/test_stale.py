@@ -120,7 +120,8 @@ def test_a_changed_config_is_refused_before_any_work(runs):
 
 def test_a_data_folder_with_one_image_more_is_refused(runs):
     _, r = runs
-    _refused(r["data_plus_one"], r"teacher: data differs from the finished stage: 12 files -> 13 files;")
+    _refused(r["data_plus_one"],
+             r"teacher: data differs from the finished stage: 12 files -> 13 files;")
 
 
 def test_another_teacher_is_refused(runs):

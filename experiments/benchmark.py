@@ -105,7 +105,8 @@ def benchmark_files(
                 audit=audit, evaluation=evaluation, agreement=agree, machine=machine,
                 note=info.get("note", ""), **kw,
             )  # fmt: skip
-            row.update({k: info[k] for k in ("prune_method", "kept_fraction") if k in info})
+            row.update({k: info[k] for k in ("prune_method", "kept_fraction",
+                                             *res.PROVENANCE_COLUMNS) if k in info})
             res.write_results(workdir, [row], machine=machine)
             written.append(row)
             log(f"{rel} threads={t} {d}: p50 {lat['latency_p50_ms']:.3f} ms")

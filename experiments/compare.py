@@ -6,7 +6,8 @@ Reads `<workdir>/results.csv` of each workdir, adds a `workdir` column, and writ
 `results.csv` (all rows, keyed by workdir, path, threads and delegate), `report.md` with the
 three plots of `compress.results.report.write_report`, and TensorBoard HParams under `<out>/tb/hparams`
 (one trial per row; `tensorboard --logdir <out>/tb/hparams`). Latencies measured on different
-machines are not comparable; the report lists each workdir's machine.json.
+machines are not comparable: the report lists each workdir's machine.json, names the hosts in
+its title when there are several, and gives no speed-up between rows of different hosts.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ def compare(workdirs: Sequence[str], out: str, *, title: str | None = None) -> d
             json.dump(machines, f, indent=2)
     for m in machines:
         m["cpu"] = f"{m.get('cpu')} [{m['workdir']}]"
+    from compress.results.report import host_of
+
+    hosts = sorted({host_of(r) for r in rows})
+    if len(hosts) > 1 and not title:
+        title = "Comparison of " + ", ".join(workdirs)
+    if len(hosts) > 1:  # speed-ups are only between rows of one host (report.glance_lines)
+        title += (f" (measured on {len(hosts)} hosts: {'; '.join(hosts)}; latencies of different "
+                  "hosts are not compared)")
     report = write_report(
         out,
         rows=rows,

@@ -7,8 +7,20 @@
 
 Overrides: any preset value as `--config.<section>.<key>=value`, e.g.
 `--config.distill.steps=500 --config.prune.target_sparsity=0.7` (see experiments/configs.py).
-A finished stage (its folder has DONE) is skipped; `--overwrite` redoes the selected stages;
-a stage killed part-way resumes from its last checkpoint.
+Resuming and --overwrite: every stage records what it is made from in `<stage>/fingerprint.json`
+(experiments/fingerprint.py: the config keys it reads, the student, the data's files, the
+teacher, the code and the fingerprints of the stages it reads) and its metrics.json carries that
+fingerprint with the code version, runtime and host. Before the first stage runs, all of them
+are checked:
+- without --overwrite, a selected stage that is finished with the same fingerprint is skipped,
+  and one killed part-way with the same fingerprint resumes (checkpoints, a partial teacher
+  cache, export or benchmark); a different fingerprint stops the run in one line naming the
+  stage and what differs (`distill: config differs from the finished stage: steps 6 -> 12`);
+- --overwrite redoes the selected stages from scratch;
+- a finished stage that is not selected is kept only while the stages it was made from are
+  unchanged; one made from a stage this run redoes stops the run in one line
+  (`prune: made from a distill stage that was redone; add prune to --stages`).
+results.csv rows of another benchmark fingerprint are removed when the benchmark stage runs.
 
 Every input is checked before the first stage, and every refusal is one line naming the flag, the
 value and what is accepted: flag and --config values against their ranges (configs.check), the
@@ -280,6 +292,13 @@ def main(argv):
                          teacher_record=teacher)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: tfds offline
         _fail(" ".join(str(e).split()))
+    if run.chief:  # what each stage is made from, checked before any work (fingerprint.py)
+        from experiments.fingerprint import check_stages
+
+        refusal = check_stages(run, [s for s in STAGES if s in FLAGS.stages],
+                               overwrite=FLAGS.overwrite)
+        if refusal:
+            sys.exit(f"FATAL {refusal}")
     start = time.time()
     for stage in STAGES:
         if stage in FLAGS.stages:

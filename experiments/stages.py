@@ -105,6 +105,9 @@ class Run:
             return
         print(f"[{name}] starting")
         from compress import training
+        from experiments import fingerprint
+
+        fingerprint.prepare(self, stage)  # its begin() writes fingerprint.json before any work
 
         # Mixed precision speeds up the long float trainings; pruning wrappers, QAT fake-quant,
         # export and measurement run in float32.
@@ -579,11 +582,16 @@ class Run:
 
     def _forget_results(self, rel: str) -> None:
         """Drop the rows of `rel` from results.csv; benchmark and report are then unfinished."""
+        self._keep_results(lambda r: r["path"] != rel)
+
+    def _keep_results(self, keep) -> None:
+        """Keep the rows of results.csv where `keep(row)`; when any goes, benchmark and report
+        are unfinished."""
         from compress.results import table
 
         if os.path.exists(table.results_path(str(self.workdir))):
             old = table.read_results(str(self.workdir))
-            rows = [r for r in old if r["path"] != rel]
+            rows = [r for r in old if keep(r)]
             if len(rows) < len(old):
                 for name in ("benchmark", "report"):
                     StageDir(self.workdir, name).clear_done()
@@ -592,6 +600,7 @@ class Run:
     # ------------------------------------------------------------------------------- benchmark
     def stage_benchmark(self, stage: StageDir) -> None:
         from compress.measure.costs import static_costs
+        from experiments import fingerprint
         from experiments.benchmark import benchmark_files
 
         b = self.cfg.benchmark
@@ -600,6 +609,8 @@ class Run:
         if self.overwrite:  # measure every file again; without --overwrite, finished rows stay
             for rel in manifest:
                 self._forget_results(rel)
+        fp = stage.provenance.get("fingerprint")
+        self._keep_results(lambda r: r.get("benchmark_fingerprint") == fp and r["path"] in manifest)
         size = self.export_size
         val = self._val_ds(size, limit=b.val_limit or None)  # a class-balanced subset
         val = [(x.numpy(), y.numpy()) for x, y in val]  # scored once per file, same images
@@ -623,7 +634,8 @@ class Run:
             return {"model": self.student, "stage": meta["stage"], "format": meta["format"],
                     "input_size": size, "params": costs["params"], "macs": costs["macs"],
                     "memory_traffic_bytes": costs["memory_traffic_bytes"],
-                    "sparsity": meta["audit"].get("sparsity"), **self.prune_facts(meta["stage"])}
+                    "sparsity": meta["audit"].get("sparsity"), **self.prune_facts(meta["stage"]),
+                    **fingerprint.row_columns(self.workdir, meta["stage"], fp)}
 
         threads = [t or os.cpu_count() for t in b.threads]
         benchmark_files(
@@ -663,12 +675,13 @@ class Run:
         from compress.results import table
         from compress.results.hparams import write_hparams
         from compress.results.report import write_report
-        from experiments import summary
+        from experiments import fingerprint, summary
 
         stage.begin({})
         report = write_report(str(self.workdir), title=f"{self.student} from "
                               f"{self.teacher_arg} ({self.cfg.preset} preset)")
         gain = self.distillation_gain()
+        summary.insert_after_title(report, fingerprint.report_lines(self.workdir))
         summary.insert_after_title(report, [gain["line"], "", self.teacher_line()])
         rows = table.read_results(str(self.workdir))
         for r in rows:  # the run's training figures, appended columns (read by name)

@@ -5,6 +5,7 @@
     DIR/<stage>/weights.h5    weights the next stage reloads
     DIR/<stage>/metrics.json  final figures of the stage
     DIR/<stage>/ckpt/         training checkpoints for resuming
+    DIR/<stage>/fingerprint.json  what the stage is made from (experiments/fingerprint.py)
     DIR/<stage>/DONE          written last; a stage with DONE is skipped unless --overwrite
 
 Every file is written atomically (temporary file, then rename), so a kill or a full disk never
@@ -92,6 +93,8 @@ class StageDir:
         self.path = pathlib.Path(workdir) / name
         self.ckpt = self.path / "ckpt"
         self.weights = self.path / "weights.h5"
+        self.record = None  # experiments/fingerprint.py: written as fingerprint.json by begin
+        self.provenance = {}  # fingerprint, code, runtime, host: added to metrics.json
 
     @property
     def done(self) -> bool:
@@ -119,6 +122,8 @@ class StageDir:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / "config.json", config)
+        if self.record is not None:
+            write_json(self.path / "fingerprint.json", self.record)
 
     def save_model_json(self, *, name: str, num_classes: int, overrides: dict | None = None,
                         wrappers: tuple = (), **extra) -> None:
@@ -153,5 +158,6 @@ class StageDir:
     def finish(self, metrics: dict) -> None:
         if not self.writes:
             return
-        write_json(self.path / "metrics.json", {**metrics, "finished_at": time.time()})
+        write_json(self.path / "metrics.json",
+                   {**metrics, **self.provenance, "finished_at": time.time()})
         atomic_write(self.path / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))

@@ -42,6 +42,8 @@ def glance_lines(rows: Sequence[dict]) -> list[str]:
             d_top1 = f"{100 * (top1 - num(base['top1'])):+.1f}"
         if base is not None and p50 and num(base.get("latency_p50_ms")):
             speed = f"{num(base['latency_p50_ms']) / p50:.2f}x"
+            if host_of(r) != host_of(base):  # latencies of two machines: no speed-up
+                speed = f"none: measured on {host_of(r)}, its reference on {host_of(base)}"
         size, macs = num(r.get("size_bytes")), num(r.get("macs"))
         sparsity = num(r.get("sparsity"))
         timed = f"{p50:.2f}" if p50 else ""
@@ -59,6 +61,11 @@ def glance_lines(rows: Sequence[dict]) -> list[str]:
             _md_value(r.get("float_heavy_ops"), "float_heavy_ops"),
         ]) + " |")  # fmt: skip
     return out
+
+
+def host_of(row: dict) -> str:
+    """The machine a row was measured on (`host`, else the older `cpu` column)."""
+    return str(row.get("host") or row.get("cpu") or "unknown host").replace("|", "/")
 
 
 def _stage_name(row: dict) -> str:
@@ -293,6 +300,8 @@ def write_report(
     p3 = _plot(points, "size_bytes", "top1", "file size (bytes)", "top-1",
                "size vs top-1", os.path.join(out_dir, PLOTS[2]), with_workdir, logx=True)  # fmt: skip
     front = front_plot(points, os.path.join(out_dir, FRONT))
+    if not front and os.path.exists(os.path.join(out_dir, FRONT)):  # an earlier run's
+        os.remove(os.path.join(out_dir, FRONT))
     cols = (("workdir",) if with_workdir else ()) + _TABLE
     lines = [f"# {title or 'TFLite benchmark report'}", "", "## Machine", ""]
     for m in machines:

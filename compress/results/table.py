@@ -2,7 +2,9 @@
 
 `results.csv` holds one row per (TFLite file, threads, delegate) with the public
 columns users rely on, in order (`COLUMNS`), followed by `EXTRA_COLUMNS` (the measurement's
-conditions: runtime version, warm-up/run counts, host CPU) and any further keys rows carry.
+conditions: runtime version, warm-up/run counts, host CPU), `PROVENANCE_COLUMNS` (the stage
+fingerprints, code and runtime versions and host of every figure) and any further keys rows
+carry.
 Writing merges by key, so a resumed benchmark replaces its rows instead of duplicating them, and
 the file is replaced atomically (a crash never leaves half a CSV).
 """
@@ -66,6 +68,19 @@ EXTRA_COLUMNS = (
     "host_figures",
     "prune_method",  # none (no pruning upstream) | magnitude | structured (compress/structured.py)
     "kept_fraction",  # structured: fraction of the dense student's MACs; magnitude: of weights
+    "teacher_top1",  # the run's teacher, Keras, whole val split (written by the report stage)
+    "baseline_top1",  # the run's labels-only student, likewise
+)
+
+
+# Where each figure comes from (experiments/fingerprint.py), after every column above.
+PROVENANCE_COLUMNS = (
+    "stage_fingerprint",  # of the stage whose model the file holds (its metrics.json has it)
+    "benchmark_fingerprint",  # of the benchmark stage that measured the row
+    "code_version",  # git commit (+dirty) of the code, or the package version
+    "tensorflow_version",
+    "litert_version",
+    "host",  # CPU model and cores of the measuring machine
 )
 
 
@@ -177,7 +192,9 @@ def write_results(
     for r in existing + rows:
         merged[row_key(r, key)] = r  # later rows (the new ones) win, first position is kept
     present = {k for r in merged.values() for k in r}
-    header = list(COLUMNS) + [k for k in EXTRA_COLUMNS if k in present]
+    if present & set(PROVENANCE_COLUMNS):  # their place does not move when the report adds these
+        present |= {"teacher_top1", "baseline_top1"}
+    header = list(COLUMNS) + [k for k in EXTRA_COLUMNS + PROVENANCE_COLUMNS if k in present]
     for r in merged.values():
         for k in r:
             if k not in header:

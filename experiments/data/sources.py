@@ -325,8 +325,10 @@ def _load_tfds(name: str, split: str, *, data_dir: str | None = None) -> Source:
         labels.append(int(ex[label_key]))
     if not encoded:
         raise ValueError(f"{flag}: split {tfds_split!r} is empty")
-    return Source(name=f"tfds:{name}", split=split, class_names=class_names, labels=labels,
-                  encoded=encoded, ids=[f"{tfds_split}[{i}]" for i in range(len(labels))])
+    src = Source(name=f"tfds:{name}", split=split, class_names=class_names, labels=labels,
+                 encoded=encoded, ids=[f"{tfds_split}[{i}]" for i in range(len(labels))])
+    src.version = str(builder.info.version)  # part of the data's identity (experiments/fingerprint)
+    return src
 
 
 # TFDS's own storage (dataset metadata and prepared copies): unreachable means offline.

@@ -12,7 +12,8 @@ coordinates, so the student's crop is exactly the teacher's (no rounding in betw
 Layout under the cache folder (`workdir/distill/teacher_cache/` in the pipeline):
 
     manifest.json         what the cache was built from (source, teacher weights, views, top-k,
-                          seed, crop ranges, teacher size, precision) and whether it is complete
+                          seed, crop ranges, teacher size, precision), whether it is complete
+                          and each shard's checksum (SHA-1 of its file, recorded as it is written)
     shard_00000.npy ...   `images_per_shard` images each: one structured NumPy array with fields
                           values float16 [V, k]   the teacher's top-k logits, largest first
                           indices uint16 [V, k]   their classes
@@ -24,7 +25,9 @@ images x 8 views: 3.7 MB). Each shard is written to a temporary name and renamed
 build leaves only whole shards and resumes at the first missing one; `.npy` files (unlike
 `.npz` zips, which carry timestamps) make a rebuilt shard byte-identical. A manifest that does
 not match the request (another teacher, view count, seed...) means the shards are stale: they
-are deleted and rebuilt.
+are deleted and rebuilt. A shard whose checksum is not the one recorded when it was written
+(truncated, altered, copied from another cache) is named, deleted and rebuilt; `load` never
+reads one.
 
 Top-k: for Imagenette's 10 classes `top_k = num_classes` stores the exact logits. With fewer
 stored classes than the teacher has, `compress.distill.logits_from_topk` gives the missing
@@ -117,6 +120,11 @@ def _fingerprint_file(path) -> str:
     return h.hexdigest()
 
 
+def _checksum(path) -> str | None:
+    """SHA-1 of a shard file; None when it is missing."""
+    return _fingerprint_file(path) if os.path.exists(path) else None
+
+
 def source_fingerprint(source: Source) -> str:
     h = hashlib.sha1(repr((source.name, source.split, [str(i) for i in source.ids])).encode())
     h.update(np.asarray(source.labels, np.int32).tobytes())
@@ -141,6 +149,11 @@ class TeacherCache:
         manifest = json.loads((path / "manifest.json").read_text())
         if not manifest.get("complete"):
             raise ValueError(f"teacher cache {path} is not complete; build it first")
+        sums = manifest.get("checksums") or {}
+        for s in range(manifest["shards"]):
+            if sums.get(_shard_name(s)) != _checksum(path / _shard_name(s)):
+                raise ValueError(f"teacher cache {path}: {_shard_name(s)} fails its checksum; "
+                                 "build the cache again")
         records = np.concatenate([np.load(path / _shard_name(s))
                                   for s in range(manifest["shards"])])
         if len(records) != manifest["num_examples"]:
@@ -204,23 +217,32 @@ def build(path, source: Source, teacher, spec: ViewSpec, *, teacher_weights=None
             "teacher": _fingerprint_file(teacher_weights) if teacher_weights else None}
     want = json.loads(json.dumps(want))  # tuples as lists, as they read back
     mpath = path / "manifest.json"
-    previous_rate = None
+    previous_rate, sums = None, {}
     if mpath.exists():
         have = json.loads(mpath.read_text())
         have.pop("complete", None)
         previous_rate = have.pop("build_s_per_view", None)
+        sums = have.pop("checksums", None) or {}
         # the precision the teacher ran in is recorded, not checked: a later stage running in
         # float32 reads a cache that the distill stage built in bfloat16
         have_precision = have.pop("precision", None)
         if have == {k: v for k, v in want.items() if k != "precision"}:
             want["precision"] = have_precision
         else:
-            previous_rate = None
+            previous_rate, sums = None, {}
             if verbose:
                 print(f"[teacher cache] {path} was built for other settings: rebuilt", flush=True)
             for f in path.glob("shard_*.npy"):
                 f.unlink()
-    write_json(mpath, {**want, "complete": False})
+    for s in range(shards):  # a shard is read only with the checksum recorded when written
+        target = path / _shard_name(s)
+        if target.exists() and sums.get(target.name) != _checksum(target):
+            if verbose:
+                print(f"[teacher cache] {target} fails its checksum (truncated, altered or from "
+                      "another build): rebuilt", flush=True)
+            target.unlink()
+    sums = {k: v for k, v in sums.items() if (path / k).exists()}
+    write_json(mpath, {**want, "complete": False, "checksums": sums})
     predict = None
     size = spec.teacher_size
     per_batch = max(1, batch_size // views)
@@ -259,7 +281,9 @@ def build(path, source: Source, teacher, spec: ViewSpec, *, teacher_weights=None
         tmp = path / f".{target.name}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
             np.save(f, rec)
+        sums[target.name] = _checksum(tmp)
         os.replace(tmp, target)
+        write_json(mpath, {**want, "complete": False, "checksums": sums})
         built += (hi - lo) * views
         seconds += time.perf_counter() - t0
         if verbose:
@@ -267,5 +291,5 @@ def build(path, source: Source, teacher, spec: ViewSpec, *, teacher_weights=None
                   f"in {time.perf_counter() - t0:.1f} s", flush=True)
     # seconds per view of this call's build (of the earlier one when nothing was left to do)
     rate = seconds / built if built else previous_rate
-    write_json(mpath, {**want, "complete": True, "build_s_per_view": rate})
+    write_json(mpath, {**want, "complete": True, "build_s_per_view": rate, "checksums": sums})
     return TeacherCache.load(path)

@@ -244,36 +244,10 @@ def _validate_structured(c, info) -> None:
     size = info.input_size(FLAGS.export_size, c.export.size)
     dense = models.create_model(FLAGS.student, num_classes=10, input_size=size)
     smallest = structured.min_keep(dense, size, p.min_width)
-    if p.target_ms:
-        _check_latency_budget(c, dense, size)
-    elif p.keep < smallest:
+    if not p.target_ms and p.keep < smallest:  # a latency budget: checked when prune starts
         _fail(f"--config.prune.keep={p.keep} is out of reach for {FLAGS.student}: structured "
               f"pruning keeps at least {smallest:.3f} of its MACs (--config.prune.min_width="
               f"{p.min_width} of every block's units)")
-
-
-def _check_latency_budget(c, dense, size) -> None:
-    """--config.prune.target_ms: the smallest model structured pruning reaches (its widths do
-    not depend on the scores) must run in the budget, timed as the prune stage times its cuts
-    (its int8 file on this host's XNNPACK; about half a minute), before any training."""
-    import tempfile
-
-    import models
-    from compress import structured
-    from experiments.benchmark import int8_latency_ms
-
-    p, e = c.prune, c.export
-    widths = structured.smallest_widths(dense, p.min_width)
-    small = models.create_model(FLAGS.student, num_classes=10, input_size=size, widths=widths)
-    with tempfile.TemporaryDirectory() as tmp:
-        ms = int8_latency_ms(small, os.path.join(tmp, "smallest.int8.tflite"), input_size=size,
-                             threads=p.target_threads, deny_amx=c.benchmark.deny_amx,
-                             xnnpack_friendly=e.xnnpack_friendly, float_layers=e.float_layers)
-    if ms > p.target_ms:
-        _fail(f"--config.prune.target_ms={p.target_ms:g} is out of reach for {FLAGS.student} at "
-              f"{size} px: its smallest structured cut (--config.prune.min_width={p.min_width}) "
-              f"runs in {ms:.2f} ms as int8 on this host's XNNPACK at "
-              f"--config.prune.target_threads={p.target_threads}")
 
 
 def main(argv):
@@ -304,6 +278,8 @@ def main(argv):
         if stage in FLAGS.stages:
             try:
                 run.run_stage(stage)
+            except stages.StageRefused as e:  # a stage's own input check, before its work
+                _fail(str(e))
             except Exception as e:  # noqa: BLE001 - a full disk is one line; the rest re-raised
                 if _disk_full(e):
                     sys.exit(_disk_full_line(e, stage, FLAGS.workdir))

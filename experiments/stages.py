@@ -35,6 +35,11 @@ EXPORT_STAGES = ("distill", "prune", "qat")
 TRAINING_STAGES = ("teacher", "distill", "prune", "qat")
 
 
+class StageRefused(ValueError):
+    """A stage's inputs fail a check that needs real work (e.g. timing a file), made when the
+    stage starts and before it trains; the pipeline prints it as one line."""
+
+
 class Run:
     """Everything one pipeline invocation shares: config, data sources, strategy, paths."""
 
@@ -397,6 +402,8 @@ class Run:
         p = self.cfg.prune
         stage.begin({"student": self.student, **p.to_dict()})
         if p.method == "structured":
+            if p.target_ms:
+                self._check_latency_budget()
             self._prune_structured(stage)
             return
 
@@ -463,6 +470,32 @@ class Run:
         params = int(sum(np.prod(w.shape) for w in distiller.student.trainable_weights))
         stage.finish({**m, "kept_fraction": cut["kept_fraction"], "macs": cut["macs"],
                       "dense_macs": cut["dense_macs"], "params": params})
+
+    def _check_latency_budget(self) -> None:
+        """`prune.target_ms`: the smallest model structured pruning reaches (its widths do not
+        depend on the scores) must run in the budget, timed as the cuts are (its int8 file on
+        this host's XNNPACK; about half a minute), before the stage trains. StageRefused
+        otherwise."""
+        from compress import structured
+        from experiments.benchmark import int8_latency_ms
+
+        p, e, size = self.cfg.prune, self.cfg.export, self.export_size
+        dense = self.build_student(size)
+        small = self.build_student(size, overrides={"widths": structured.smallest_widths(
+            dense, p.min_width)})
+        with tempfile.TemporaryDirectory() as tmp:
+            ms = int8_latency_ms(small, os.path.join(tmp, "smallest.int8.tflite"),
+                                 input_size=size, threads=p.target_threads,
+                                 deny_amx=self.cfg.benchmark.deny_amx,
+                                 xnnpack_friendly=e.xnnpack_friendly,
+                                 float_layers=e.float_layers)
+        keras.backend.clear_session()
+        if ms > p.target_ms:
+            raise StageRefused(
+                f"--config.prune.target_ms={p.target_ms:g} is out of reach for {self.student} "
+                f"at {size} px: its smallest structured cut (--config.prune.min_width="
+                f"{p.min_width}) runs in {ms:.2f} ms as int8 on this host's XNNPACK at "
+                f"--config.prune.target_threads={p.target_threads}")
 
     def _keep_for_latency(self, stage: StageDir, plan, smallest: float):
         """`prune.target_ms`: the largest MAC fraction whose cut of `plan`, exported as the

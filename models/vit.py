@@ -17,7 +17,8 @@ from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS, multi_head_attention
 from models.registry import register_model
 
-_CFGS = {
+# The registered ViT sizes: size name -> `build_vit` arguments (model `vit_<size>_patch16`).
+VIT_CONFIGS = {
     "tiny": dict(dim=192, depth=12, heads=3, mlp_dim=768),
     "small": dict(dim=384, depth=12, heads=6, mlp_dim=1536),
     "base": dict(dim=768, depth=12, heads=12, mlp_dim=3072),
@@ -145,19 +146,19 @@ def build_vit(
 @register_model(params=5_717_416, default_size=224, size_divisor=16, family="vit", role="teacher")
 def vit_tiny_patch16(*, num_classes=1000, input_size=None, **overrides):
     return build_vit(num_classes=num_classes, input_size=input_size, name="vit_tiny_patch16",
-                     **{**_CFGS["tiny"], **overrides})
+                     **{**VIT_CONFIGS["tiny"], **overrides})
 
 
 @register_model(params=22_050_664, default_size=224, size_divisor=16, family="vit", role="teacher")
 def vit_small_patch16(*, num_classes=1000, input_size=None, **overrides):
     return build_vit(num_classes=num_classes, input_size=input_size, name="vit_small_patch16",
-                     **{**_CFGS["small"], **overrides})
+                     **{**VIT_CONFIGS["small"], **overrides})
 
 
 @register_model(params=86_567_656, default_size=224, size_divisor=16, family="vit", role="teacher")
 def vit_base_patch16(*, num_classes=1000, input_size=None, **overrides):
     return build_vit(num_classes=num_classes, input_size=input_size, name="vit_base_patch16",
-                     **{**_CFGS["base"], **overrides})
+                     **{**VIT_CONFIGS["base"], **overrides})
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import numpy as np
 import models
 from models import timm_convert
 from models.compat import keras
-from models.vit import _CFGS, LN_EPS, PATCH, load_google_npz, resample_pos_embedding
+from models.vit import LN_EPS, PATCH, VIT_CONFIGS, load_google_npz, resample_pos_embedding
 
 # Heads per width in timm's ViT configs (head width 64, ViT-H/g/G 16 heads); a timm state dict
 # does not store the head count.
@@ -67,7 +67,8 @@ _HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings"
 
 def _registered_archs():
     """(name, build_vit arguments) of the registered ViTs."""
-    return [(f"vit_{size}_patch16", {**cfg, **_REGISTERED_DEFAULTS}) for size, cfg in _CFGS.items()]
+    return [(f"vit_{size}_patch16", {**cfg, **_REGISTERED_DEFAULTS})
+            for size, cfg in VIT_CONFIGS.items()]
 
 
 def _differences(arch: dict, base: dict) -> dict:

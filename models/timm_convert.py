@@ -1,7 +1,8 @@
 """Convert timm (PyTorch) weights of the students and ViT teachers into our Keras models.
 
 Each family module provides `convert_timm_state_dict(model, state_dict)` taking NumPy arrays
-keyed by timm's parameter names, so the models themselves never import torch. This module
+keyed by timm's parameter names, so the models themselves never import torch; `key_problems` is
+the key check the converters share. This module
 adds the reading of checkpoint files (torch pickles through `models.torch_pickle`, so no module
 of the project imports torch).
 """
@@ -69,6 +70,27 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
                          "tensors")
     return {k.removeprefix("module."): v.astype(np.float32) if v.dtype.kind == "f" else v
             for k, v in obj.items()}
+
+
+def few(keys, n: int = 4) -> str:
+    """The first `n` of `keys` in sorted order, then how many more: `a, b, c, d and 3 more`."""
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def key_problems(actual, expected, *, ignored=()) -> list[str]:
+    """What keeps a state dict with keys `actual` from filling a model that reads `expected`.
+
+    Keys in `ignored` (e.g. `num_batches_tracked` buffers, a classifier left as built) may be
+    present or not. Returns up to two phrases, each naming the first few keys in sorted order,
+    e.g. `["2 missing key(s): a, b", "5 unexpected key(s): c, d, e, f and 1 more"]`; empty when
+    the keys fit. Converters join them (and their shape mismatches) into one error line.
+    """
+    missing = set(expected) - set(actual)
+    unexpected = set(actual) - set(expected) - set(ignored)
+    return ([f"{len(missing)} missing key(s): {few(missing)}"] if missing else []) + \
+           ([f"{len(unexpected)} unexpected key(s): {few(unexpected)}"] if unexpected else [])
 
 
 def num_classes_of(state_dict: dict[str, np.ndarray]) -> int:

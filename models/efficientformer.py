@@ -38,7 +38,8 @@ import numpy as np
 
 from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS, LayerScale, MatMul, Scale, merge_heads, split_heads
-from models.registry import register_model, resolve_widths
+from models import qat
+from models.registry import Family, register_model, resolve_widths
 from models.timm_convert import few, key_problems
 
 WIDTHS = {"l1": (48, 96, 224, 448), "l3": (64, 128, 320, 512), "l7": (96, 192, 384, 768)}
@@ -115,6 +116,15 @@ class AttentionBias(keras.layers.Layer):
 
 
 CUSTOM_OBJECTS.update({"AttentionBias": AttentionBias})
+
+FAMILY = Family(
+    "efficientformer",
+    structured_pruning=True,
+    timm_names={n: n for n in ("efficientformer_l1", "efficientformer_l3", "efficientformer_l7")},
+    timm_build={"with_distillation_head": True},  # timm's checkpoints carry both heads
+    quantize={"AttentionBias": qat.output("learned bias added to attention logits: table stays "
+                                          "float, output quantized")},
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,10 +318,11 @@ def convert_timm_state_dict(model: keras.Model, state_dict) -> dict:
     """Load a timm `efficientformer_l*` state dict (names -> NumPy arrays) into `model`.
 
     Every weight of the model is filled (BN running statistics included); every parameter and
-    buffer of the state dict must be used. Missing keys, unexpected keys and shape mismatches
-    raise one `ValueError` line naming a few of each; nothing is loaded then. `attention_bias_idxs` buffers are checked
-    against this module's index; `num_batches_tracked` buffers are ignored. Snap-research
-    (original) key names are not remapped: pass them through timm's `checkpoint_filter_fn`.
+    buffer of the state dict must be used. Missing keys, unexpected keys and mismatches (shapes,
+    an `attention_bias_idxs` buffer other than this module's index) raise one `ValueError` line
+    naming a few of each; nothing is loaded then. `num_batches_tracked` buffers are ignored.
+    Snap-research (original) key names are not remapped: pass them through timm's
+    `checkpoint_filter_fn`.
 
     Args:
       model: a model built by this module (any `num_classes` matching the heads, any input

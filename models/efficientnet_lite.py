@@ -52,8 +52,10 @@ import math
 import numpy as np
 
 from models.compat import keras
-from models.registry import register_model
+from models.registry import Family, register_model
 from models.timm_convert import few, key_problems
+
+FAMILY = Family("efficientnet_lite")  # stock layers only; its weights load by `load_state_dict`
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.99  # PyTorch momentum 0.01

@@ -31,7 +31,8 @@ import numpy as np
 
 from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS, multi_head_attention
-from models.registry import register_model, resolve_widths
+from models import qat
+from models.registry import Family, register_model, resolve_widths
 from models.timm_convert import few, key_problems
 
 BN_EPS = 1e-5
@@ -147,6 +148,14 @@ class Fold(keras.layers.Layer):
 
 
 CUSTOM_OBJECTS.update({"Unfold": Unfold, "Fold": Fold})
+
+FAMILY = Family(
+    "mobilevit",
+    structured_pruning=True,
+    timm_names={n: n for n in ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")},
+    quantize={"Unfold": qat.noop("patch unfolding: moves values"),
+              "Fold": qat.noop("patch folding: moves values")},
+)
 
 
 # --------------------------------------------------------------------------------------------

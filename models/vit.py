@@ -15,7 +15,22 @@ import numpy as np
 
 from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS, multi_head_attention
-from models.registry import register_model
+from models import qat
+from models.registry import Family, register_model
+
+FAMILY = Family(
+    "vit",
+    timm_names={"vit_tiny_patch16": "vit_tiny_patch16_224",
+                "vit_small_patch16": "vit_small_patch16_224",
+                "vit_base_patch16": "vit_base_patch16_224"},
+    timm_converter="models.vit_checkpoints",
+    quantize={
+        "ClassTokenPosEmbed": qat.output("cls token and position embedding are added, not "
+                                         "multiplied: they stay float in QAT (the converter "
+                                         "quantizes the constant), output quantized"),
+        "TakeToken": qat.noop("slices one token: moves values"),
+    },
+)
 
 # The registered ViT sizes: size name -> `build_vit` arguments (model `vit_<size>_patch16`).
 VIT_CONFIGS = {

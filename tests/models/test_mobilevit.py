@@ -55,7 +55,7 @@ def test_fixed_input_size_and_overrides():
     assert model.get_layer("head_drop").rate == 0.1
 
 
-@pytest.mark.parametrize("name", ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s"])
+@pytest.mark.parametrize("name", models.list_models(family="mobilevit"))
 def test_only_stock_layers_and_small_custom_ones(name):
     keras.backend.clear_session()
     model = models.create_model(name, input_size=256)
@@ -180,7 +180,8 @@ def test_parity_xxs_fixed_288(imagenette_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mobilevit_xs", "mobilevit_s"])
+@pytest.mark.parametrize("name", [n for n in models.list_models(family="mobilevit")
+                                  if n != "mobilevit_xxs"])
 def test_parity_xs_s_with_timm(name, imagenette_dir):
     check_parity(name, [256, 288], imagenette_dir)
 
@@ -192,7 +193,8 @@ def test_converter_rejects_bad_state_dicts():
     before = model.get_layer("stem_conv").get_weights()[0].copy()
 
     missing = {k: v for k, v in state.items() if k != "stages.2.1.transformer.0.attn.qkv.bias"}
-    with pytest.raises(ValueError, match=r"1 missing key\(s\): stages\.2\.1\.transformer\.0\.attn\.qkv\.bias"):
+    with pytest.raises(ValueError,
+                       match=r"1 missing key\(s\): stages\.2\.1\.transformer\.0\.attn\.qkv\.bias"):
         convert_timm_state_dict(model, missing)
     with pytest.raises(ValueError, match=r"1 unexpected key\(s\): extra\.weight$"):
         convert_timm_state_dict(model, {**state, "extra.weight": np.zeros(3)})

@@ -11,7 +11,8 @@ at the first one ("Layer ... is not supported"). So every layer class is looked 
 table, `QUANTIZE` (class name -> `Spec`), and annotated by a `clone_function`; then
 `quantize_apply` runs inside `quantize_scope()`. Layer classes deliberately left in float go in
 `KEEP_FLOAT` (class name -> reason; annotated with a no-op config). A class in neither table
-raises, naming the layer and its class: a new custom layer only needs one entry here.
+raises, naming the layer and its class. Custom layers bring their own entries: the shared ones in
+`models.layers.QUANTIZE`, a family's in the `quantize=` of its `FAMILY` (`models.qat.Spec`).
 
 Spec kinds:
   * ``default``: tfmot's own config (Conv2D/DepthwiseConv2D/Dense weights + activation, Add,
@@ -42,13 +43,13 @@ followed by its scale).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Callable
 
 from models.compat import keras, tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tfmot)
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
+from models import layers, registry  # noqa: E402
 from models.layers import CUSTOM_OBJECTS  # noqa: E402
+from models.qat import DEFAULT, Spec, by_layer, noop, output, weights  # noqa: E402,F401
 
 _qk = tfmot.quantization.keras
 _quantizers = _qk.quantizers
@@ -131,36 +132,6 @@ class WeightsOutputQuantizeConfig(_qk.QuantizeConfig):
 # The tables.
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """How one layer class is annotated (see the module docstring for the kinds)."""
-
-    kind: str  # default | output | weights | noop | by_layer
-    why: str = ""
-    weights: tuple = ()
-    output: bool = True
-    pick: Callable | None = None  # by_layer: layer -> Spec
-
-
-DEFAULT = Spec("default", "tfmot default 8-bit registry")
-
-
-def output(why: str) -> Spec:
-    return Spec("output", why)
-
-
-def noop(why: str) -> Spec:
-    return Spec("noop", why)
-
-
-def weights(*attrs: str, output: bool = True, why: str = "") -> Spec:
-    return Spec("weights", why, weights=tuple(attrs), output=output)
-
-
-def by_layer(pick: Callable, why: str) -> Spec:
-    return Spec("by_layer", why, pick=pick)
-
-
 _FOLDABLE = ("Conv2D", "DepthwiseConv2D", "Dense")
 
 
@@ -190,8 +161,8 @@ def _pick_activation(layer) -> Spec:
     return output(f"activation {name!r} is refused by tfmot's activation config: output quantizer")
 
 
-# Every layer class a registered model may use: class name -> Spec.
-QUANTIZE: dict[str, Spec] = {
+# Stock layer classes: class name -> Spec.
+_STOCK: dict[str, Spec] = {
     # Stock layers that tfmot's default 8-bit registry quantizes.
     "Conv2D": Spec("default", "kernel per-channel + output (or folded with a following BN)"),
     "DepthwiseConv2D": Spec("default", "depthwise kernel per-channel + output (or BN fold)"),
@@ -221,43 +192,29 @@ QUANTIZE: dict[str, Spec] = {
                                  "converter calibrates the LN pieces"),
     "Softmax": noop("kept float on purpose: XNNPACK has no int8 SOFTMAX, so an int8 "
                     "softmax splits the graph; the export calibrates its output for attn·v"),
-    "AxisSoftmax": noop("a softmax written as max/exp/sum/div ops: kept float like Softmax (the "
-                        "export keeps its ops float)"),
     "Subtract": output("element-wise, not in tfmot's registry"),
     "Multiply": output("element-wise, not in tfmot's registry"),
     "Average": output("element-wise, not in tfmot's registry"),
     "Maximum": output("element-wise, not in tfmot's registry"),
     "Minimum": output("element-wise, not in tfmot's registry"),
     "Identity": noop("identity"),
-    # models/layers.py
-    "MatMul": output("q·kᵀ and attn·v: the BATCH_MATMUL output must be fake-quantized or it "
-                     "stays float in TFLite"),
-    "Scale": output("constant multiply (1/sqrt(head_dim))"),
-    "LayerScale": weights("gamma", why="per-channel multiplier: gamma and output quantized"),
-    # models/vit.py
-    "ClassTokenPosEmbed": output("cls token and position embedding are added, not multiplied: "
-                                 "they stay float in QAT (the converter quantizes the constant), "
-                                 "output quantized"),
-    "TakeToken": noop("slices one token: moves values"),
-    # Student glue (models/mobilevit.py, mobile_former.py, efficientformer.py).
-    "Unfold": noop("patch unfolding: moves values"),
-    "Fold": noop("patch folding: moves values"),
-    "ChannelShuffle": noop("moves values"),
-    "GroupSplit": noop("channel split: moves values"),
-    "ChannelRepeat": noop("repeats channels (a one-hot 1x1 conv, exact in int8): moves values"),
-    "ReshapeAs": noop("reshape: moves values"),
-    "HeadBlocks": noop("per-head copies with other heads' channels zeroed: moves values"),
-    "HeadDiagonal": noop("picks each channel from its head's block: moves values"),
-    "SelectHeads": noop("slices the kept heads' channels: moves values"),
     "Resize": noop("resize: int8 RESIZE keeps its input's scale"),
-    "HardSigmoid": output("relu6(x+3)/6: output quantized"),
-    "HardSwish": output("x*relu6(x+3)/6: output quantized"),
-    "DynamicReLU": output("max of two products: output quantized"),
-    "AttentionBias": output("learned bias added to attention logits: table stays float, output "
-                            "quantized"),
-    "GlobalTokens": output("learned tokens broadcast to the batch: tokens stay float, output "
-                           "quantized"),
 }
+
+
+def _custom_layer_specs() -> dict[str, Spec]:
+    """The Specs of the custom layers: `models.layers.QUANTIZE` and each family's `quantize`."""
+    out = dict(layers.QUANTIZE)
+    for name in registry.list_families():
+        for cls, spec in registry.get_family(name).quantize.items():
+            if cls in out and out[cls] != spec:
+                raise ValueError(f"family {name}: layer class {cls} already has another QAT spec")
+            out[cls] = spec
+    return out
+
+
+# Every layer class a registered model may use: class name -> Spec.
+QUANTIZE: dict[str, Spec] = {**_STOCK, **_custom_layer_specs()}
 
 # Layer classes deliberately left float (a NoOp config), with the reason.
 KEEP_FLOAT: dict[str, str] = {
@@ -305,8 +262,8 @@ def spec_for(layer) -> Spec:
     if cls in _REFUSED:
         raise ValueError(f"layer {layer.name!r} ({cls}) cannot be quantized: {_REFUSED[cls]}")
     raise ValueError(
-        f"layer {layer.name!r} has class {cls}, which is in neither compress.quantize.QUANTIZE "
-        "nor compress.quantize.KEEP_FLOAT; add the class to one of them")
+        f"layer {layer.name!r} has class {cls}, which has no QAT spec; give it one in the "
+        "quantize= of its module's FAMILY (or compress.quantize.KEEP_FLOAT to keep it float)")
 
 
 def quantize_config_for(layer):

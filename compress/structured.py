@@ -69,7 +69,6 @@ import numpy as np
 from models.compat import keras, tf
 
 METHODS = ("magnitude", "structured")  # prune.method: compress.prune masks, or this module
-FAMILIES = ("mobilevit", "efficientformer", "mobile_former")
 IMPORTANCE = ("taylor", "magnitude")
 CHANNEL_GRANULARITY = 8
 MIN_WIDTH = 0.25  # default fraction of every group's units that stays (module doc)
@@ -101,11 +100,13 @@ class Group:
 
 def check_family(name: str) -> None:
     """ValueError in one line when structured pruning does not support the model's family."""
-    import models
+    from models import registry
 
-    if models.get_model_info(name).family not in FAMILIES:
-        raise ValueError(f"structured pruning supports {', '.join(f + '_*' for f in FAMILIES)}; "
-                         f"not {name} ({models.get_model_info(name).family}_*) yet")
+    family = registry.get_model_info(name).family
+    if not registry.get_family(family).structured_pruning:
+        supported = registry.list_families(structured_pruning=True)
+        raise ValueError(f"structured pruning supports {', '.join(f + '_*' for f in supported)}; "
+                         f"not {name} ({family}_*) yet")
 
 
 def _numbers(name: str) -> tuple:

@@ -38,7 +38,9 @@ import numpy as np
 
 from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS, LayerScale, MatMul, Scale, merge_heads, split_heads
-from models.registry import register_model, resolve_widths
+from models import qat
+from models.registry import Family, register_model, resolve_widths
+from models.timm_convert import few, key_problems
 
 WIDTHS = {"l1": (48, 96, 224, 448), "l3": (64, 128, 320, 512), "l7": (96, 192, 384, 768)}
 DEPTHS = {"l1": (3, 2, 6, 4), "l3": (4, 4, 12, 6), "l7": (6, 6, 18, 8)}
@@ -114,6 +116,15 @@ class AttentionBias(keras.layers.Layer):
 
 
 CUSTOM_OBJECTS.update({"AttentionBias": AttentionBias})
+
+FAMILY = Family(
+    "efficientformer",
+    structured_pruning=True,
+    timm_names={n: n for n in ("efficientformer_l1", "efficientformer_l3", "efficientformer_l7")},
+    timm_build={"with_distillation_head": True},  # timm's checkpoints carry both heads
+    quantize={"AttentionBias": qat.output("learned bias added to attention logits: table stays "
+                                          "float, output quantized")},
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,27 +318,26 @@ def convert_timm_state_dict(model: keras.Model, state_dict) -> dict:
     """Load a timm `efficientformer_l*` state dict (names -> NumPy arrays) into `model`.
 
     Every weight of the model is filled (BN running statistics included); every parameter and
-    buffer of the state dict must be used. Missing keys, unused keys and shape mismatches raise
-    `ValueError` (all problems are listed together). `attention_bias_idxs` buffers are checked
-    against this module's index; `num_batches_tracked` buffers are ignored. Snap-research
-    (original) key names are not remapped: pass them through timm's `checkpoint_filter_fn`.
+    buffer of the state dict must be used. Missing keys, unexpected keys and mismatches (shapes,
+    an `attention_bias_idxs` buffer other than this module's index) raise one `ValueError` line
+    naming a few of each; nothing is loaded then. `num_batches_tracked` buffers are ignored.
+    Snap-research (original) key names are not remapped: pass them through timm's
+    `checkpoint_filter_fn`.
 
     Args:
       model: a model built by this module (any `num_classes` matching the heads, any input
         size: the 7x7 bias table is stored as is).
       state_dict: mapping of timm names to arrays (e.g. `{k: v.numpy() for k, v in
         timm_model.state_dict().items()}`).
-    Returns: a summary dict: `loaded` (sorted timm keys used), `ignored`.
+    Returns: a summary dict: `loaded` (sorted timm keys used), `ignored` (keys left out on
+      purpose).
     """
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     used, errors = set(), []
 
     def get(key):
-        if key not in sd:
-            errors.append(f"missing key {key!r}")
-            return None
         used.add(key)
-        return sd[key]
+        return sd.get(key)
 
     # Meta4D blocks per stage (to map Keras block indices to timm's, where Flat takes a slot).
     n4d: dict[int, int] = {}
@@ -423,12 +433,11 @@ def convert_timm_state_dict(model: keras.Model, state_dict) -> dict:
         assignments.append((layer, vals))
 
     ignored = sorted(k for k in sd if k.endswith("num_batches_tracked"))
-    unused = sorted(set(sd) - used - set(ignored))
-    if unused:
-        errors.append(f"unused keys: {unused}")
+    problems = key_problems(sd, used, ignored=ignored)
     if errors:
-        raise ValueError("cannot load the timm state dict into "
-                         f"{model.name!r}:\n  " + "\n  ".join(errors))
+        problems.append(f"{len(errors)} mismatch(es): {few(errors, 2)}")
+    if problems:
+        raise ValueError(f"timm state dict does not fit {model.name!r}: " + "; ".join(problems))
     for layer, vals in assignments:
         layer.set_weights([v.astype(w.dtype.as_numpy_dtype) for w, v in zip(layer.weights, vals)])
     return {"loaded": sorted(used), "ignored": ignored}

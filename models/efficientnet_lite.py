@@ -52,7 +52,10 @@ import math
 import numpy as np
 
 from models.compat import keras
-from models.registry import register_model
+from models.registry import Family, register_model
+from models.timm_convert import few, key_problems
+
+FAMILY = Family("efficientnet_lite")  # stock layers only; its weights load by `load_state_dict`
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.99  # PyTorch momentum 0.01
@@ -253,12 +256,6 @@ def _reference_arrays(layer, prefix: str) -> dict[str, callable]:
     raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) has no reference weights")
 
 
-def _few(keys, n: int = 4) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def load_state_dict(model: keras.Model, state_dict, *, head: bool = True) -> keras.Model:
     """Fill `model` (built here) from a reference state dict (names -> arrays), in place.
 
@@ -287,12 +284,7 @@ def load_state_dict(model: keras.Model, state_dict, *, head: bool = True) -> ker
         expected |= set(convert)
         plan.append((layer, convert))
     ignored = {k for k in sd if k.startswith("_fc.")} if not head else set()
-    missing, unexpected = expected - set(sd), set(sd) - expected - ignored
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
+    problems = key_problems(sd, expected, ignored=ignored)
     if problems:
         raise ValueError(f"state dict does not fit {model.name!r}: " + "; ".join(problems))
     assignments, mismatched = [], []
@@ -305,7 +297,7 @@ def load_state_dict(model: keras.Model, state_dict, *, head: bool = True) -> ker
         assignments.append((layer, arrays))
     if mismatched:
         raise ValueError(f"state dict does not fit {model.name!r}: {len(mismatched)} shape "
-                         f"mismatch(es): {_few(mismatched, 2)}")
+                         f"mismatch(es): {few(mismatched, 2)}")
     for layer, arrays in assignments:
         layer.set_weights([a.astype(np.float32) for a in arrays])
     return model

@@ -12,6 +12,7 @@ Rules (see CONTRIBUTING.md, "Writing a model"):
 
 from __future__ import annotations
 
+from models import qat
 from models.compat import keras, tf
 
 
@@ -151,3 +152,13 @@ def multi_head_attention(
 # Custom objects for `keras.models.load_model` / `clone_model`; family modules add theirs.
 CUSTOM_OBJECTS = {"MatMul": MatMul, "Scale": Scale, "LayerScale": LayerScale,
                   "AxisSoftmax": AxisSoftmax}
+
+# How QAT treats these layers (`compress.quantize`); family modules declare theirs in `FAMILY`.
+QUANTIZE = {
+    "MatMul": qat.output("q·kᵀ and attn·v: the BATCH_MATMUL output must be fake-quantized or it "
+                         "stays float in TFLite"),
+    "Scale": qat.output("constant multiply (1/sqrt(head_dim))"),
+    "LayerScale": qat.weights("gamma", why="per-channel multiplier: gamma and output quantized"),
+    "AxisSoftmax": qat.noop("a softmax written as max/exp/sum/div ops: kept float like Softmax "
+                            "(the export keeps its ops float)"),
+}

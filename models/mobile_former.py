@@ -55,7 +55,8 @@ import numpy as np
 from models.compat import keras, tf
 from models.layers import (CUSTOM_OBJECTS, AxisSoftmax, MatMul, Scale, merge_heads,
                            split_heads)
-from models.registry import register_model, resolve_widths
+from models import qat
+from models.registry import Family, register_model, resolve_widths
 from models.vit import TakeToken
 
 BN_EPS = 1e-5
@@ -374,6 +375,26 @@ CUSTOM_OBJECTS.update({
     "ChannelRepeat": ChannelRepeat, "ReshapeAs": ReshapeAs, "HeadBlocks": HeadBlocks,
     "HeadDiagonal": HeadDiagonal, "SelectHeads": SelectHeads,
 })
+
+FAMILY = Family(
+    "mobile_former",
+    structured_pruning=True,
+    quantize={
+        "GlobalTokens": qat.output("learned tokens broadcast to the batch: tokens stay float, "
+                                   "output quantized"),
+        "HardSigmoid": qat.output("relu6(x+3)/6: output quantized"),
+        "HardSwish": qat.output("x*relu6(x+3)/6: output quantized"),
+        "DynamicReLU": qat.output("max of two products: output quantized"),
+        "ChannelShuffle": qat.noop("moves values"),
+        "GroupSplit": qat.noop("channel split: moves values"),
+        "ChannelRepeat": qat.noop("repeats channels (a one-hot 1x1 conv, exact in int8): "
+                                  "moves values"),
+        "ReshapeAs": qat.noop("reshape: moves values"),
+        "HeadBlocks": qat.noop("per-head copies with other heads' channels zeroed: moves values"),
+        "HeadDiagonal": qat.noop("picks each channel from its head's block: moves values"),
+        "SelectHeads": qat.noop("slices the kept heads' channels: moves values"),
+    },
+)
 
 
 # === Building blocks ==========================================================================

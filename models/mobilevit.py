@@ -31,7 +31,9 @@ import numpy as np
 
 from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS, multi_head_attention
-from models.registry import register_model, resolve_widths
+from models import qat
+from models.registry import Family, register_model, resolve_widths
+from models.timm_convert import few, key_problems
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
@@ -146,6 +148,14 @@ class Fold(keras.layers.Layer):
 
 
 CUSTOM_OBJECTS.update({"Unfold": Unfold, "Fold": Fold})
+
+FAMILY = Family(
+    "mobilevit",
+    structured_pruning=True,
+    timm_names={n: n for n in ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")},
+    quantize={"Unfold": qat.noop("patch unfolding: moves values"),
+              "Fold": qat.noop("patch folding: moves values")},
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,22 +392,20 @@ def convert_timm_state_dict(model: keras.Model, state_dict, *, include_head: boo
         are loaded, `num_batches_tracked` is ignored.
       include_head: also load `head.fc.*`; False keeps the model's own classifier (fine-tuning
         to another class count) and ignores those keys.
-    Returns: a summary dict: `loaded` (sorted timm keys used), `skipped` (keys ignored on
+    Returns: a summary dict: `loaded` (sorted timm keys used), `ignored` (keys left out on
       purpose).
-    Raises: ValueError on a missing key, an unused key, or a shape mismatch (all listed).
+    Raises: ValueError (one line) naming missing keys, unexpected keys and shape mismatches;
+      nothing is loaded then.
     """
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
-    used, skipped, missing, mismatched = set(), set(), [], []
-    skipped |= {k for k in sd if k.endswith("num_batches_tracked")}
+    used, mismatched = set(), []
+    ignored = {k for k in sd if k.endswith("num_batches_tracked")}
     if not include_head:
-        skipped |= {k for k in sd if k.startswith("head.fc.")}
+        ignored |= {k for k in sd if k.startswith("head.fc.")}
 
     def get(key):
-        if key not in sd:
-            missing.append(key)
-            return None
         used.add(key)
-        return sd[key]
+        return sd.get(key)
 
     assignments = []  # (layer, [arrays])
     for layer in model.layers:
@@ -439,16 +447,11 @@ def convert_timm_state_dict(model: keras.Model, state_dict, *, include_head: boo
             continue
         assignments.append((layer, arrays))
 
-    unused = sorted(set(sd) - used - skipped)
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {sorted(set(missing))}")
-    if unused:
-        problems.append(f"unused keys: {unused}")
+    problems = key_problems(sd, used, ignored=ignored)
     if mismatched:
-        problems.append("shape mismatches: " + "; ".join(mismatched))
+        problems.append(f"{len(mismatched)} shape mismatch(es): {few(mismatched, 2)}")
     if problems:
-        raise ValueError(f"timm state dict does not fit {model.name!r}: " + " | ".join(problems))
+        raise ValueError(f"timm state dict does not fit {model.name!r}: " + "; ".join(problems))
     for layer, arrays in assignments:
         layer.set_weights([a.astype(np.float32) for a in arrays])
-    return {"loaded": sorted(used), "skipped": sorted(skipped)}
+    return {"loaded": sorted(used), "ignored": sorted(ignored)}

@@ -1,12 +1,19 @@
 """Model registry: `create_model`, `list_models`, `get_model_info` (README.md, "Models").
 
-Each architecture module registers its variants with `@register_model(...)`, timm style:
+A family module of this package (e.g. `models/mobilevit.py`) declares what the rest of the
+project needs to know about the family in one `FAMILY`, and registers its variants with
+`@register_model(...)`, timm style:
+
+    FAMILY = Family("mobilevit", structured_pruning=True,
+                    timm_names={"mobilevit_xxs": "mobilevit_xxs"},
+                    quantize={"Unfold": qat.noop("patch unfolding: moves values")})
 
     @register_model(params=1_272_024, default_size=256, size_divisor=32, family="mobilevit")
     def mobilevit_xxs(*, num_classes=1000, input_size=None, **overrides) -> keras.Model: ...
 
 `params` is the exact trainable parameter count at 1000 classes of the reference
-implementation; a test builds every model and checks it.
+implementation; a test builds every model and checks it. The modules of the package are found
+and imported on first use (`pkgutil`), so a new family module needs no entry anywhere else.
 """
 
 from __future__ import annotations
@@ -14,11 +21,31 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib
+import pkgutil
 from typing import Callable
 
-# Modules that register models; imported lazily on first use so `import models` stays cheap.
-_MODEL_MODULES = ("models.vit", "models.mobilevit", "models.efficientformer", "models.mobile_former",
-                  "models.efficientnet_lite")
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What the project knows about one model family, declared as `FAMILY` in its module.
+
+    name: the `family=` its models register with.
+    structured_pruning: `compress.structured` can cut its widths (the builders take `widths=`).
+    timm_names: registry name -> timm model name, for the variants with timm weights.
+    timm_converter: the module holding `convert_timm_state_dict(model, state_dict)` (and
+      optionally `num_classes_of(state_dict)`); default: the family module itself.
+    timm_build: `create_model` overrides while timm weights load (the model is rebuilt without
+      them around the same weights afterwards).
+    quantize: layer class name -> `models.qat.Spec`, for the custom layers the module defines.
+    """
+
+    name: str
+    structured_pruning: bool = False
+    timm_names: dict = dataclasses.field(default_factory=dict)
+    timm_converter: str | None = None
+    timm_build: dict = dataclasses.field(default_factory=dict)
+    quantize: dict = dataclasses.field(default_factory=dict)
+    module: str = dataclasses.field(default="", compare=False)  # set when the module is found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +70,7 @@ class ModelInfo:
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
+_FAMILIES: dict[str, Family] = {}
 _loaded = False
 
 
@@ -79,19 +107,52 @@ def register_model(
 
 
 def _ensure_loaded() -> None:
+    """Import every module of the `models` package once, keeping the `FAMILY` each declares."""
     global _loaded
-    if not _loaded:
-        for module in _MODEL_MODULES:
-            importlib.import_module(module)
-        _loaded = True
+    if _loaded:
+        return
+    _loaded = True  # a module that lists models while it is imported sees the ones so far
+    package = importlib.import_module(__name__.rpartition(".")[0])
+    for found in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        module = importlib.import_module(found.name)
+        family = getattr(module, "FAMILY", None)
+        if isinstance(family, Family):
+            if family.name in _FAMILIES:
+                raise ValueError(f"family {family.name!r} is declared twice: by "
+                                 f"{_FAMILIES[family.name].module} and {found.name}")
+            _FAMILIES[family.name] = dataclasses.replace(family, module=found.name)
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Sorted registered names, optionally filtered by a glob such as ``"mobilevit_*"``."""
+def get_family(name: str) -> Family:
+    """The `Family` declared under `name`; a family no module declares (a model registered
+    from outside the package) gets the defaults: no structured pruning, no timm weights."""
+    _ensure_loaded()
+    return _FAMILIES.get(name) or Family(name)
+
+
+def list_families(*, structured_pruning: bool | None = None) -> list[str]:
+    """Sorted names of the declared families, optionally only those that do (or do not)
+    support structured pruning."""
+    _ensure_loaded()
+    return sorted(n for n, f in _FAMILIES.items()
+                  if structured_pruning is None or f.structured_pruning == structured_pruning)
+
+
+def timm_names() -> dict[str, str]:
+    """Registry name -> timm model name, over every family."""
+    _ensure_loaded()
+    return {k: v for f in _FAMILIES.values() for k, v in f.timm_names.items()}
+
+
+def list_models(pattern: str | None = None, *, family: str | None = None) -> list[str]:
+    """Sorted registered names, optionally filtered by a glob such as ``"mobilevit_*"`` and by
+    family."""
     _ensure_loaded()
     names = sorted(_REGISTRY)
     if pattern is not None:
         names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    if family is not None:
+        names = [n for n in names if _REGISTRY[n].family == family]
     return names
 
 

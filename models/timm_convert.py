@@ -1,9 +1,11 @@
 """Convert timm (PyTorch) weights of the students and ViT teachers into our Keras models.
 
-Each family module provides `convert_timm_state_dict(model, state_dict)` taking NumPy arrays
-keyed by timm's parameter names, so the models themselves never import torch. This module
-adds the reading of checkpoint files (torch pickles through `models.torch_pickle`, so no module
-of the project imports torch).
+A family with timm weights names them in its `FAMILY` (`timm_names`, and `timm_converter` when
+the converter lives in another module); that module provides `convert_timm_state_dict(model,
+state_dict)` taking NumPy arrays keyed by timm's parameter names, so the models themselves never
+import torch; `key_problems` is the key check the converters share. This module adds the reading
+of checkpoint files (torch pickles through `models.torch_pickle`, so no module of the project
+imports torch).
 """
 
 from __future__ import annotations
@@ -14,23 +16,9 @@ import os
 import numpy as np
 
 import models
-from models import torch_pickle
+from models import registry, torch_pickle
 from models.compat import keras
 
-# Registry name -> timm model name (identical today; kept explicit for the day they differ).
-TIMM_NAMES = {
-    "mobilevit_xxs": "mobilevit_xxs",
-    "mobilevit_xs": "mobilevit_xs",
-    "mobilevit_s": "mobilevit_s",
-    "efficientformer_l1": "efficientformer_l1",
-    "efficientformer_l3": "efficientformer_l3",
-    "efficientformer_l7": "efficientformer_l7",
-    "vit_tiny_patch16": "vit_tiny_patch16_224",
-    "vit_small_patch16": "vit_small_patch16_224",
-    "vit_base_patch16": "vit_base_patch16_224",
-}
-_FAMILY_MODULES = {"mobilevit": "models.mobilevit", "efficientformer": "models.efficientformer",
-                   "vit": "models.vit_checkpoints"}
 _HEAD_KEYS = ("head.fc.weight", "head.weight")  # MobileViT; EfficientFormer and ViT class heads
 
 
@@ -71,6 +59,27 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             for k, v in obj.items()}
 
 
+def few(keys, n: int = 4) -> str:
+    """The first `n` of `keys` in sorted order, then how many more: `a, b, c, d and 3 more`."""
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def key_problems(actual, expected, *, ignored=()) -> list[str]:
+    """What keeps a state dict with keys `actual` from filling a model that reads `expected`.
+
+    Keys in `ignored` (e.g. `num_batches_tracked` buffers, a classifier left as built) may be
+    present or not. Returns up to two phrases, each naming the first few keys in sorted order,
+    e.g. `["2 missing key(s): a, b", "5 unexpected key(s): c, d, e, f and 1 more"]`; empty when
+    the keys fit. Converters join them (and their shape mismatches) into one error line.
+    """
+    missing = set(expected) - set(actual)
+    unexpected = set(actual) - set(expected) - set(ignored)
+    return ([f"{len(missing)} missing key(s): {few(missing)}"] if missing else []) + \
+           ([f"{len(unexpected)} unexpected key(s): {few(unexpected)}"] if unexpected else [])
+
+
 def num_classes_of(state_dict: dict[str, np.ndarray]) -> int:
     for key in _HEAD_KEYS:
         if key in state_dict:
@@ -81,12 +90,13 @@ def num_classes_of(state_dict: dict[str, np.ndarray]) -> int:
 def convert(name: str, state_dict: dict[str, np.ndarray], *, input_size: int | None = None
             ) -> keras.Model:
     """Build registry model `name` with the checkpoint's class count and load the weights."""
-    if name not in TIMM_NAMES:
+    timm_names = registry.timm_names()
+    if name not in timm_names:
         raise ValueError(f"--model: {name!r} has no timm counterpart; accepted: "
-                         f"{', '.join(sorted(TIMM_NAMES))}")
-    family = models.get_model_info(name).family
-    module = importlib.import_module(_FAMILY_MODULES[family])
-    kwargs = {"with_distillation_head": True} if family == "efficientformer" else {}
+                         f"{', '.join(sorted(timm_names))}")
+    family = registry.get_family(registry.get_model_info(name).family)
+    module = importlib.import_module(family.timm_converter or family.module)
+    kwargs = dict(family.timm_build)
     # a family may read the class count itself (the ViTs check the whole layout first)
     num_classes = getattr(module, "num_classes_of", num_classes_of)(state_dict)
     model = models.create_model(name, num_classes=num_classes, input_size=input_size, **kwargs)

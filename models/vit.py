@@ -15,9 +15,25 @@ import numpy as np
 
 from models.compat import keras, tf
 from models.layers import CUSTOM_OBJECTS, multi_head_attention
-from models.registry import register_model
+from models import qat
+from models.registry import Family, register_model
 
-_CFGS = {
+FAMILY = Family(
+    "vit",
+    timm_names={"vit_tiny_patch16": "vit_tiny_patch16_224",
+                "vit_small_patch16": "vit_small_patch16_224",
+                "vit_base_patch16": "vit_base_patch16_224"},
+    timm_converter="models.vit_checkpoints",
+    quantize={
+        "ClassTokenPosEmbed": qat.output("cls token and position embedding are added, not "
+                                         "multiplied: they stay float in QAT (the converter "
+                                         "quantizes the constant), output quantized"),
+        "TakeToken": qat.noop("slices one token: moves values"),
+    },
+)
+
+# The registered ViT sizes: size name -> `build_vit` arguments (model `vit_<size>_patch16`).
+VIT_CONFIGS = {
     "tiny": dict(dim=192, depth=12, heads=3, mlp_dim=768),
     "small": dict(dim=384, depth=12, heads=6, mlp_dim=1536),
     "base": dict(dim=768, depth=12, heads=12, mlp_dim=3072),
@@ -145,19 +161,19 @@ def build_vit(
 @register_model(params=5_717_416, default_size=224, size_divisor=16, family="vit", role="teacher")
 def vit_tiny_patch16(*, num_classes=1000, input_size=None, **overrides):
     return build_vit(num_classes=num_classes, input_size=input_size, name="vit_tiny_patch16",
-                     **{**_CFGS["tiny"], **overrides})
+                     **{**VIT_CONFIGS["tiny"], **overrides})
 
 
 @register_model(params=22_050_664, default_size=224, size_divisor=16, family="vit", role="teacher")
 def vit_small_patch16(*, num_classes=1000, input_size=None, **overrides):
     return build_vit(num_classes=num_classes, input_size=input_size, name="vit_small_patch16",
-                     **{**_CFGS["small"], **overrides})
+                     **{**VIT_CONFIGS["small"], **overrides})
 
 
 @register_model(params=86_567_656, default_size=224, size_divisor=16, family="vit", role="teacher")
 def vit_base_patch16(*, num_classes=1000, input_size=None, **overrides):
     return build_vit(num_classes=num_classes, input_size=input_size, name="vit_base_patch16",
-                     **{**_CFGS["base"], **overrides})
+                     **{**VIT_CONFIGS["base"], **overrides})
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import numpy as np
 import models
 from models import timm_convert
 from models.compat import keras
-from models.vit import _CFGS, LN_EPS, PATCH, load_google_npz, resample_pos_embedding
+from models.vit import LN_EPS, PATCH, VIT_CONFIGS, load_google_npz, resample_pos_embedding
 
 # Heads per width in timm's ViT configs (head width 64, ViT-H/g/G 16 heads); a timm state dict
 # does not store the head count.
@@ -67,7 +67,8 @@ _HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings"
 
 def _registered_archs():
     """(name, build_vit arguments) of the registered ViTs."""
-    return [(f"vit_{size}_patch16", {**cfg, **_REGISTERED_DEFAULTS}) for size, cfg in _CFGS.items()]
+    return [(f"vit_{size}_patch16", {**cfg, **_REGISTERED_DEFAULTS})
+            for size, cfg in VIT_CONFIGS.items()]
 
 
 def _differences(arch: dict, base: dict) -> dict:
@@ -118,19 +119,10 @@ def inspect_checkpoint(path: str) -> ViTCheckpoint:
     return read_checkpoint(path)[0]
 
 
-def _sample(keys, n=3) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def _check_keys(source, layout, actual, expected, optional=()) -> None:
-    missing = set(expected) - set(actual)
-    unexpected = set(actual) - set(expected) - set(optional)
-    if missing or unexpected:
-        parts = ([f"missing {_sample(missing)}"] if missing else []) + \
-                ([f"unexpected {_sample(unexpected)}"] if unexpected else [])
-        raise ValueError(f"{source}: keys do not match a {layout} ViT: {'; '.join(parts)}")
+    problems = timm_convert.key_problems(actual, expected, ignored=optional)
+    if problems:
+        raise ValueError(f"{source}: keys do not match a {layout} ViT: {'; '.join(problems)}")
 
 
 def _grid_of(n_tokens: int, source: str) -> tuple[int, bool]:
@@ -159,7 +151,7 @@ def _timm_checkpoint(state, source, *, heads=None, ln_eps=LN_EPS, layout="timm")
     if "patch_embed.proj.weight" not in state or "blocks.0.attn.qkv.weight" not in state:
         raise ValueError(f"{source} is not a ViT checkpoint: expected timm ViT keys "
                          f"(patch_embed.proj.weight, blocks.0.attn.qkv.weight, ...), found "
-                         f"{_sample(state)}")
+                         f"{timm_convert.few(state, 3)}")
     for prefix, what in _UNSUPPORTED.items():
         if any(k.startswith(prefix) for k in state):
             raise ValueError(f"{source} is a ViT with {what}, which is not supported (only "

@@ -7,7 +7,7 @@ docs/structured_pruning.md).
         --outdir=runs/bench_structured --rounds=8 [--sparse]
 
 Each model is built at its size with 10 classes and random weights, its BatchNorm statistics
-re-estimated on real images (as `scripts/bench_tflite.py` does), and cut to every `--keeps`
+re-estimated on real images (`compress.bench`, as `scripts/bench_tflite.py` does), and cut to every `--keeps`
 fraction of its MACs by `compress.structured.prune_structured` with `magnitude` importance (the
 widths, hence the latency, depend on the importance; trained weights and the Taylor importance
 of the pipeline give other widths at the same MACs). Every model is exported to fp32 and int8 by
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import importlib.util
 import json
 import os
 import sys
@@ -38,15 +37,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-
-
-def _bench_tflite():
-    """scripts/bench_tflite.py's image reader and BN re-estimation (not a package module)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_tflite.py")
-    spec = importlib.util.spec_from_file_location("bench_tflite", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _zero_smallest(model, fraction: float, skip) -> None:
@@ -68,7 +58,7 @@ def _former_heads_cut(dense, name, size, heads: int):
     """`dense` with only its Formers' heads cut, to the `heads` of highest magnitude score each
     (`--former_heads`): what removing heads alone buys, which a MAC budget mixes with the rest."""
     import models
-    from compress import structured
+    from compress import bench, structured
 
     p = structured.plan(dense, input_size=size, importance="magnitude")
     kept = {g.name: np.arange(g.units) for g in p.groups}
@@ -137,18 +127,16 @@ def main(argv=None) -> int:
     from experiments.configs import get_config
     from models.compat import keras
 
-    bt = _bench_tflite()
     os.makedirs(args.outdir, exist_ok=True)
     rows = []
     for spec in args.models.split(","):
         name, size = spec.split(":")
         size = int(size)
-        images = np.concatenate(bt.representative_images(size, args.num_calib,
-                                                         calib_dir=args.calib_dir))
-        images = (images + 1.0) / 2.0  # bench_tflite reads [-1, 1]; the pipeline feeds [0, 1]
+        images = np.concatenate(bench.bench_images(size, args.num_calib,
+                                                   calib_dir=args.calib_dir))
         keras.backend.clear_session()
         dense = models.create_model(name, num_classes=10, input_size=size)
-        bt.recalibrate_batchnorm(dense, images)
+        bench.recalibrate_batchnorm(dense, images)
         dense_costs = static_costs(dense, size)
         for keep in [float(k) for k in args.keeps.split(",")]:
             try:

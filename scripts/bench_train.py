@@ -32,7 +32,6 @@ Threads: TensorFlow's defaults (intra-op = inter-op = the CPU count), printed fi
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import pathlib
 import sys
@@ -52,10 +51,11 @@ DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" /
 
 
 def reference_student(impl: str, name: str, num_classes: int, size: int):
-    """`name` built by the other implementation `impl` (scripts/bench_tflite.py's table), with
+    """`name` built by the other implementation `impl` (`compress.bench.REFERENCES`), with
     logits out like ours; None when `impl` lacks it."""
-    tflite_bench = importlib.import_module("bench_tflite")  # scripts/ is on sys.path
-    build = tflite_bench.reference_builder(impl, name)
+    from compress.bench import reference_builder
+
+    build = reference_builder(impl, name)
     return None if build is None else build(num_classes, size, classifier_activation=None)
 
 
@@ -239,7 +239,7 @@ def main(argv=None):
     p.add_argument("--precisions", default="fp32",
                    help="comma list of fp32, mixed_bfloat16, mixed_float16 (GPU)")
     p.add_argument("--reference", default="kecam",
-                   help="the other Keras implementation of part 1 (bench_tflite's table)")
+                   help="the other Keras implementation of part 1 (compress.bench.REFERENCES)")
     p.add_argument("--xla", action="store_true", help="also time our KD step under XLA")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--data", default=os.environ.get("IMAGENETTE_DIR", str(DEFAULT_DATA)))

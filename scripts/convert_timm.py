@@ -32,7 +32,7 @@ flags.mark_flags_as_required(["model", "output"])
 
 def main(argv):
     del argv
-    from models import timm_convert
+    from models import registry, timm_convert
 
     if bool(FLAGS.checkpoint) == FLAGS.timm_pretrained:
         raise app.UsageError("give exactly one of --checkpoint or --timm_pretrained")
@@ -46,7 +46,7 @@ def main(argv):
             sys.modules.setdefault("triton", None)  # triton segfaults beside TensorFlow
             import timm
 
-            tm = timm.create_model(timm_convert.TIMM_NAMES.get(FLAGS.model, FLAGS.model),
+            tm = timm.create_model(registry.timm_names().get(FLAGS.model, FLAGS.model),
                                    pretrained=True)
             state_dict = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
         model = timm_convert.convert(FLAGS.model, state_dict)

@@ -1,4 +1,5 @@
-"""Latency harness, TFLite evaluation, results.csv/report/HParams, compare and bench_tflite.
+"""Latency harness, TFLite evaluation, results.csv/report/HParams, compare, compress.bench and
+scripts/bench_tflite.py.
 
 The .tflite files are tiny models converted here with a plain TFLiteConverter (a private
 stand-in for compress.tflite.convert, which this file does not depend on).
@@ -16,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from compress import bench
 from compress.measure import accuracy, floor, host, latency
 from compress.results import hparams, report, table
 from compress.tflite import interpreter
@@ -493,6 +495,7 @@ def test_bench_tflite_json_has_contract_keys(bench_script, tiny_registered, tmp_
         assert 0 < r["p50_ms"] <= r["p90_ms"]
         assert r["size_bytes"] == os.path.getsize(r["path"])
         assert r["error"] is None
+        assert {"gzip_bytes", "p99_ms", "runtime", "cpu"} <= set(r)  # a results.csv row (make_row)
         # on by default in the command line: the comparison with Keras and the floor
         assert r["eval_images"] == 32 and 0 <= r["agreement"] <= 1 and r["rel_l2"] >= 0
         assert r["floor_ms"] > 0 and r["x_floor"] == pytest.approx(r["p50_ms"] / r["floor_ms"])
@@ -502,13 +505,13 @@ def test_bench_tflite_json_has_contract_keys(bench_script, tiny_registered, tmp_
     fp32 = next(r for r in data if r["format"] == "fp32")
     int8 = next(r for r in data if r["format"] == "int8")
     assert int8["size_bytes"] < fp32["size_bytes"]
-    table = bench_script.format_table(data)
+    table = bench.format_table(data)
     assert table.count(tiny_registered) == 4
 
 
-def test_bench_tflite_refuses_unknown_models(bench_script):
+def test_bench_tflite_refuses_unknown_models():
     with pytest.raises(ValueError, match="known models: .*vit_tiny_patch16"):
-        bench_script.check_names(["vit_tiny_patch16", "no_such_net"])
+        bench.check_names(["vit_tiny_patch16", "no_such_net"])
 
 
 def test_bench_tflite_cli_lists_known_models(tmp_path):
@@ -521,12 +524,12 @@ def test_bench_tflite_cli_lists_known_models(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_bench_tflite_times_a_reference_implementation_beside_ours(bench_script, tmp_path):
+def test_bench_tflite_times_a_reference_implementation_beside_ours(tmp_path):
     """--reference=kecam: the same architecture from keras-cv-attention-models, converted with the
     stock converter, is timed in the same run; models it lacks are skipped for it."""
     pytest.importorskip("keras_cv_attention_models")
     logs = []
-    rows = bench_script.bench_models(
+    rows = bench.bench_models(
         ["mobilevit_xxs", "mobile_former_26m"], formats=["fp32"], outdir=str(tmp_path),
         warmup=1, runs=3, min_secs=0, num_classes=10, references=["kecam"], log=logs.append,
         amx=["allow", "deny"],
@@ -542,9 +545,9 @@ def test_bench_tflite_times_a_reference_implementation_beside_ours(bench_script,
     assert ref["path"] != ours["path"] and os.path.exists(ref["path"])
     for r in (ours, ref):
         assert r["error"] is None and r["p50_ms"] > 0 and r["partitions"] >= 1
-    assert "kecam" in bench_script.format_table(rows)
+    assert "kecam" in bench.format_table(rows)
     with pytest.raises(ValueError, match="--reference: unknown implementation 'nope'; known: kecam"):
-        bench_script.reference_builder("nope", "mobilevit_xxs")
+        bench.reference_builder("nope", "mobilevit_xxs")
 
 
 def test_plot_labels_never_overlap_and_near_points_share_one():
@@ -574,10 +577,10 @@ def test_plot_labels_never_overlap_and_near_points_share_one():
             assert not boxes[i].overlaps(boxes[j]), (labels[i], labels[j])
 
 
-def test_bench_tflite_converts_only_then_times_reused_files(bench_script, tiny_registered, tmp_path):
+def test_bench_tflite_converts_only_then_times_reused_files(tiny_registered, tmp_path):
     kw = dict(formats=["fp32", "int8"], outdir=str(tmp_path), warmup=1, runs=3, min_secs=0,
               num_calib=4, num_classes=10, log=lambda _: None)  # fmt: skip
-    assert bench_script.bench_models([tiny_registered], time_files=False, **kw) == []
+    assert bench.bench_models([tiny_registered], time_files=False, **kw) == []
     files = sorted(os.listdir(tmp_path))
     assert files == sorted(f"{tiny_registered}.bench.{fmt}.tflite{ext}"
                            for fmt in ("fp32", "int8") for ext in ("", ".json"))  # + its sidecar
@@ -585,7 +588,7 @@ def test_bench_tflite_converts_only_then_times_reused_files(bench_script, tiny_r
     def never(*a, **k):
         raise AssertionError("a reused file must not be converted again")
 
-    rows = bench_script.bench_models([tiny_registered], reuse=True, create=never, **kw)
+    rows = bench.bench_models([tiny_registered], reuse=True, create=never, **kw)
     assert [(r["format"], r["converter"]) for r in rows] == [("fp32", "reused"), ("int8", "reused")]
     assert all(r["p50_ms"] > 0 and r["error"] is None for r in rows)
 
@@ -633,12 +636,30 @@ def test_glance_names_keep_levels_and_files_xnnpack_refused():
     assert report._label(rows[2], False) == "prune(keep 0.55)/int8 220M MACs"
 
 
-def test_recalibrate_batchnorm_sets_the_statistics_of_the_images(bench_script):
+def test_bench_images_are_the_pipelines_in_zero_one(tmp_path):
+    """Random images, and a folder's images prepared as the pipeline's representative images:
+    [1, s, s, 3] float32 in [0, 1], the range every model takes."""
+    rand = bench.bench_images(16, 3)
+    assert len(rand) == 3 and all(x.shape == (1, 16, 16, 3) and x.dtype == np.float32
+                                  for x in rand)
+    assert 0.0 <= min(x.min() for x in rand) and max(x.max() for x in rand) <= 1.0
+    folder = tmp_path / "calib" / "some_class"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        pixels = np.full((20, 24, 3), 60 * i + 30, np.uint8)
+        tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(pixels))
+    real = bench.bench_images(16, 2, calib_dir=str(tmp_path / "calib"))
+    assert sorted(round(float(x.mean()) * 255) for x in real) == [30, 90]
+    with pytest.raises(ValueError, match="--calib_dir: no images under"):
+        bench.bench_images(16, 2, calib_dir=str(tmp_path / "empty"))
+
+
+def test_recalibrate_batchnorm_sets_the_statistics_of_the_images():
     inp = keras.Input((6, 6, 3))
     bn = keras.layers.BatchNormalization(momentum=0.9, name="bn")
     model = keras.Model(inp, keras.layers.Dense(4)(bn(inp)))
     x = np.random.default_rng(0).normal(2.0, 3.0, (16, 6, 6, 3)).astype("float32")
-    assert bench_script.recalibrate_batchnorm(model, x) == 1
+    assert bench.recalibrate_batchnorm(model, x) == 1
     mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
     np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-5)
     np.testing.assert_allclose(var, x.reshape(-1, 3).var(axis=0, ddof=1), rtol=1e-4)  # unbiased
@@ -646,15 +667,14 @@ def test_recalibrate_batchnorm_sets_the_statistics_of_the_images(bench_script):
     np.testing.assert_allclose(model(x, training=False), model(x, training=True), rtol=2e-3)
 
 
-def test_bench_tflite_compares_each_file_with_its_keras_model(bench_script, tiny_registered,
-                                                              tmp_path):
+def test_bench_tflite_compares_each_file_with_its_keras_model(tiny_registered, tmp_path):
     """Agreement and relative error on images not used for calibration, MACs and the floor
     beside each latency; kept beside the file, so a reused file reports them too."""
     from compress.measure.costs import static_costs
 
     kw = dict(formats=["fp32", "int8"], outdir=str(tmp_path), warmup=1, runs=3, min_secs=0,
               num_calib=4, num_classes=10, log=lambda _: None, num_eval=6, recalibrate_bn=True)
-    rows = bench_script.bench_models([tiny_registered], **kw)
+    rows = bench.bench_models([tiny_registered], **kw)
     fp32, int8 = rows
     assert fp32["agreement"] == 1.0 and fp32["rel_l2"] < 1e-5 and fp32["eval_images"] == 6
     assert 0.0 <= int8["agreement"] <= 1.0 and 0.0 < int8["rel_l2"] < 0.5
@@ -663,20 +683,20 @@ def test_bench_tflite_compares_each_file_with_its_keras_model(bench_script, tiny
     assert fp32["macs"] == int8["macs"] == macs
     assert fp32["floor_ms"] is None and fp32["x_floor"] is None  # no --floor
     ceiling = {"fp32_gflops": 100.0, "int8_gops": 400.0, "by_shape": {}}
-    reused = bench_script.bench_models(
+    reused = bench.bench_models(
         [tiny_registered], **{**kw, "num_eval": 0}, reuse=True,
         create=lambda *a, **k: pytest.fail("a reused file must not be converted again"))
     assert [(r["agreement"], r["rel_l2"]) for r in reused] == [
         (r["agreement"], r["rel_l2"]) for r in rows]
     # the floor: 2 * MACs at the ceiling of the format's kind
-    got = bench_script.bench_models([tiny_registered], **kw, reuse=True, floor=True,
+    got = bench.bench_models([tiny_registered], **kw, reuse=True, floor=True,
                                     ceiling_fn=lambda *a, **k: {1: ceiling})
     assert got[0]["floor_ms"] == pytest.approx(2 * macs / 100e9 * 1e3)
     assert got[1]["floor_ms"] == pytest.approx(2 * macs / 400e9 * 1e3)
     assert got[1]["x_floor"] == pytest.approx(got[1]["p50_ms"] / got[1]["floor_ms"])
     assert got[0]["ceiling"] == ceiling
     with pytest.raises(ValueError, match="--num_eval"):
-        bench_script.bench_models([tiny_registered], **{**kw, "num_eval": -1})
+        bench.bench_models([tiny_registered], **{**kw, "num_eval": -1})
 
 
 def tiny_registered_model():

@@ -15,7 +15,7 @@ from models import efficientnet_lite as E
 from models.compat import keras
 
 PARITY_ATOL = 1e-4
-VARIANTS = [f"efficientnet_lite{i}" for i in range(5)]
+VARIANTS = models.list_models(family="efficientnet_lite")
 PACKAGED = VARIANTS[:3]
 
 

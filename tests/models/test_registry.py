@@ -1,17 +1,32 @@
 import pytest
 
 import models
+from models import registry
 
 # The names, roles and exact parameter counts of every model are checked in test_all_models.py.
-VIT = ["vit_base_patch16", "vit_small_patch16", "vit_tiny_patch16"]
 
 
-def test_list_models_is_sorted_and_filters_by_glob():
+def test_list_models_is_sorted_and_filters_by_glob_and_family():
     names = models.list_models()
     assert names == sorted(names)
-    assert set(VIT) <= set(names)
-    assert models.list_models("vit_*") == VIT
-    assert models.list_models("no_such_*") == []
+    vits = [n for n in names if models.get_model_info(n).family == "vit"]
+    assert "vit_tiny_patch16" in vits
+    assert models.list_models("vit_*") == models.list_models(family="vit") == vits
+    assert models.list_models("no_such_*") == [] == models.list_models(family="no_such")
+
+
+def test_every_model_family_is_declared_by_its_module():
+    """Each family's facts (structured pruning, timm names, QAT specs) sit in its module's
+    `FAMILY`, found without a module list; timm names only name models of that family."""
+    families = registry.list_families()
+    assert {models.get_model_info(n).family for n in models.list_models()} == set(families)
+    for name in families:
+        family = registry.get_family(name)
+        assert family.name == name and family.module.startswith("models.")
+        assert all(models.get_model_info(n).family == name for n in family.timm_names)
+    prunable = registry.list_families(structured_pruning=True)
+    assert "mobilevit" in prunable and "vit" not in prunable
+    assert registry.get_family("no_such") == registry.Family("no_such")  # the defaults
 
 
 def test_unknown_name_lists_known_models():

@@ -206,7 +206,8 @@ BAD_FILES = {
     "folder without config.json": (_folder_without_config, "folder without config.json"),
     "truncated .pth": (lambda t: _truncated(t, "pth"), "cannot read"),
     "truncated .safetensors": (lambda t: _truncated(t, "safetensors"), "cannot read"),
-    "missing key": (_missing_key, "keys do not match a timm ViT: missing blocks.1.norm1.weight"),
+    "missing key": (_missing_key,
+                    "keys do not match a timm ViT: 1 missing key(s): blocks.1.norm1.weight"),
     "config.json of a ResNet": (_hf_not_vit, "model_type 'resnet'; expected 'vit'"),
     "layer scale": (_layer_scale, "layer scale"),
 }

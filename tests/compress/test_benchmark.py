@@ -21,6 +21,7 @@ from compress.results import hparams, report, table
 from compress.tflite import interpreter
 from experiments import benchmark as ebench
 from models.compat import keras, tf
+from tests.helpers import require_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = dict(warmup=2, runs=8, min_secs=0.0)
@@ -524,7 +525,7 @@ def test_bench_tflite_cli_lists_known_models(tmp_path):
 def test_bench_tflite_times_a_reference_implementation_beside_ours(bench_script, tmp_path):
     """--reference=kecam: the same architecture from keras-cv-attention-models, converted with the
     stock converter, is timed in the same run; models it lacks are skipped for it."""
-    pytest.importorskip("keras_cv_attention_models")
+    require_module("keras_cv_attention_models")
     logs = []
     rows = bench_script.bench_models(
         ["mobilevit_xxs", "mobile_former_26m"], formats=["fp32"], outdir=str(tmp_path),

@@ -83,9 +83,10 @@ def pipeline_command(workdir, data, *extra, student=SMOKE_STUDENT, teacher=SMOKE
             f"--preset={preset}", *map(str, extra)]
 
 
-def run_pipeline(workdir, data, *extra, timeout=1500, **names):
+def run_pipeline(workdir, data, *extra, timeout=3600, **names):
     """The pipeline in a subprocess (from the repository root), asserted to succeed; returns
-    (CompletedProcess, seconds)."""
+    (CompletedProcess, seconds). The timeout only guards against a hung run: a loaded
+    2-core machine took more than 25 minutes for the whole smoke preset."""
     start = time.time()
     proc = subprocess.run(pipeline_command(workdir, data, *extra, **names), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)

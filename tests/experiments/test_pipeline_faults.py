@@ -22,7 +22,7 @@ from tests.helpers import REPO, pipeline_command
 FIGURES = ("val_top1", "val_loss", "train_loss", "train_accuracy")
 
 
-def _kill_when(workdir, data, ready, *extra, timeout=900):
+def _kill_when(workdir, data, ready, *extra, timeout=1800):
     """Start the pipeline, SIGKILL it as soon as `ready()` is true; returns its stdout."""
     proc = subprocess.Popen(pipeline_command(workdir, data, *extra), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -3,7 +3,7 @@ the `Distiller`'s train/test steps on tiny models."""
 
 import numpy as np
 import pytest
-from train_helpers import make_train_ds, tiny_convnet, tiny_vit
+from tests.compress.train_helpers import make_train_ds, tiny_convnet, tiny_vit
 
 from compress.distill import Distiller, distillation_loss, kd_loss, label_loss, logits_from_topk
 from models.compat import keras, tf

@@ -6,7 +6,7 @@ import glob
 
 import numpy as np
 import pytest
-from conftest import tiny_convnet, tiny_vit
+from tests.helpers import fixed_tiny_vit, glue_layers_convnet
 
 from compress import prune as P
 from models.compat import keras, tf
@@ -22,7 +22,7 @@ def _fit(model, x, steps, *, lr=0.01, logdir=None, classes=None):
 
 
 def test_zero_sparsity_is_a_no_op(images):
-    model = tiny_vit()
+    model = fixed_tiny_vit()
     x = images(4, 32)
     pruned = P.apply_pruning(model, target_sparsity=0.0, schedule="constant", begin_step=0,
                              end_step=-1, frequency=1)
@@ -36,7 +36,7 @@ def test_zero_sparsity_is_a_no_op(images):
 
 
 def test_pruned_model_keeps_trained_weights(images):
-    model = tiny_vit()
+    model = fixed_tiny_vit()
     x = images(4, 32)
     pruned = P.apply_pruning(model, target_sparsity=0.5, begin_step=100, end_step=200)
     assert model is not pruned
@@ -52,7 +52,7 @@ def test_pruned_model_keeps_trained_weights(images):
 
 @pytest.mark.parametrize("schedule", ["polynomial", "constant"])
 def test_target_sparsity_is_reached(images, schedule):
-    model = tiny_vit()
+    model = fixed_tiny_vit()
     x = images(8, 32)
     pruned = P.apply_pruning(model, target_sparsity=0.6, schedule=schedule, begin_step=0,
                              end_step=3, frequency=1, skip=["patch_embed"])
@@ -71,7 +71,7 @@ def test_target_sparsity_is_reached(images, schedule):
 
 
 def test_depthwise_stays_dense_and_strip_keeps_outputs(images, tmp_path):
-    model = tiny_convnet()
+    model = glue_layers_convnet()
     x = images(8, 16)
     pruned = P.apply_pruning(model, target_sparsity=0.5, schedule="constant", begin_step=0,
                              end_step=-1, frequency=1)
@@ -95,7 +95,7 @@ def _groups_of_n(kernel, n):
 
 
 def test_two_of_four(images):
-    model = tiny_convnet()
+    model = glue_layers_convnet()
     x = images(8, 16)
     pruned = P.apply_pruning(model, target_sparsity=0.5, m_by_n=(2, 4), skip=["stem_conv"])
     _fit(pruned, x, 4)
@@ -119,13 +119,13 @@ def test_two_of_four(images):
 ])
 def test_bad_settings_raise(kwargs, words):
     with pytest.raises(ValueError) as err:
-        P.apply_pruning(tiny_convnet(), **kwargs)
+        P.apply_pruning(glue_layers_convnet(), **kwargs)
     for word in words:
         assert word in str(err.value)
 
 
 def test_skip_lets_block_sparsity_through():
-    model = tiny_convnet()
+    model = glue_layers_convnet()
     pruned = P.apply_pruning(model, target_sparsity=0.5, block_size=(1, 4),
                              skip=["stem_conv", "b1_pw"])
     plan = P.pruning_plan(model, skip=["stem_conv", "b1_pw"])
@@ -134,7 +134,7 @@ def test_skip_lets_block_sparsity_through():
 
 
 def test_trains_under_a_distribution_strategy(images):
-    model = tiny_vit()
+    model = fixed_tiny_vit()
     x = images(8, 32)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
     with strategy.scope():

@@ -7,7 +7,7 @@ import collections
 
 import numpy as np
 import pytest
-from conftest import tiny_convnet, tiny_vit
+from tests.helpers import fixed_tiny_vit, glue_layers_convnet
 
 import models
 from compress import prune as P
@@ -62,7 +62,7 @@ def _fit(model, x, *, lr=1e-3, steps=1):
 @pytest.fixture(scope="module")
 def trained_qat_vit():
     x = np.random.default_rng(1).random((8, 32, 32, 3), dtype=np.float32)
-    model = tiny_vit()
+    model = fixed_tiny_vit()
     qat = Q.apply_qat(model, input_range=(0.0, 1.0))
     before = kernel(qat, "head").copy()
     loss = _fit(qat, x)
@@ -80,7 +80,7 @@ def test_qat_trains_one_step(trained_qat_vit):
 
 
 def test_qat_starts_from_the_trained_weights(images):
-    model = tiny_vit()
+    model = fixed_tiny_vit()
     x = images(4, 32)
     qat = Q.apply_qat(model, input_range=(0.0, 1.0))
     for name in ("patch_embed", "block0_attn_q", "head"):
@@ -91,12 +91,12 @@ def test_qat_starts_from_the_trained_weights(images):
 
 
 def test_conv_bn_folds_and_bn_follows_conv(images):
-    qat = Q.apply_qat(tiny_convnet(), input_range=(0.0, 1.0))
+    qat = Q.apply_qat(glue_layers_convnet(), input_range=(0.0, 1.0))
     for conv in ("stem_conv", "b1_dw", "b1_pw"):
         act = qat.get_layer("quant_" + conv).layer.activation
         # tfmot's Conv+BN transform: no fake-quant between the conv and its BN
         assert type(getattr(act, "activation", act)).__name__ == "NoOpActivation", conv
-    kinds = Q.coverage(tiny_convnet())
+    kinds = Q.coverage(glue_layers_convnet())
     assert {k for k, _ in kinds["LayerScale"]} == {"weights"}
     assert {k for k, _ in kinds["LayerNormalization"]} == {"output"}
 
@@ -105,7 +105,7 @@ def test_h5_save_and_reload(trained_qat_vit, tmp_path):
     _, qat, x, _, _ = trained_qat_vit
     path = tmp_path / "qat.weights.h5"
     Q.save_qat_weights(qat, str(path))
-    rebuilt = Q.load_qat_weights(Q.apply_qat(tiny_vit(seed=7)), str(path))
+    rebuilt = Q.load_qat_weights(Q.apply_qat(fixed_tiny_vit(seed=7)), str(path))
     np.testing.assert_array_equal(rebuilt(x).numpy(), qat(x).numpy())
     with pytest.raises(ValueError, match="keras"):
         Q.save_qat_weights(qat, str(tmp_path / "qat.keras"))
@@ -130,7 +130,7 @@ def _float_heavy_ops(tflite_bytes):
     return counts, heavy, interp
 
 
-@pytest.mark.parametrize("builder, size", [(tiny_vit, 32), (tiny_convnet, 16)],
+@pytest.mark.parametrize("builder, size", [(fixed_tiny_vit, 32), (glue_layers_convnet, 16)],
                          ids=["vit", "convnet"])
 def test_qat_int8_conversion_has_no_float_heavy_ops(builder, size, images):
     x = images(8, size)
@@ -157,7 +157,7 @@ def test_qat_int8_conversion_has_no_float_heavy_ops(builder, size, images):
 
 def test_prune_preserving_qat_keeps_the_zeros(images):
     x = images(8, 16)
-    pruned = P.apply_pruning(tiny_convnet(), target_sparsity=0.5, schedule="constant",
+    pruned = P.apply_pruning(glue_layers_convnet(), target_sparsity=0.5, schedule="constant",
                              begin_step=0, end_step=-1, frequency=1)
     pruned.compile(keras.optimizers.SGD(0.01),
                    keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -12,20 +12,21 @@ import time
 
 import numpy as np
 import pytest
-from train_helpers import (SIZES, local_cluster, make_train_ds, make_val_ds, tiny_convnet,
-                           tiny_vit)
 
 from compress.distill import Distiller
 from compress.training import (WarmupCosine, auto_mixed_precision, get_strategy, make_optimizer,
                                set_mixed_precision, train)
 from models.compat import keras, tf
+from tests.compress.train_helpers import (SIZES, local_cluster, make_train_ds, make_val_ds,
+                                         tiny_convnet, tiny_vit)
 
-WORKER = pathlib.Path(__file__).with_name("train_worker.py")
+# run as `python -m tests.compress.train_worker` from the repository root
+WORKER = ["-m", "tests.compress.train_worker"]
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def run_worker(*args, timeout=400):
-    return subprocess.run([sys.executable, str(WORKER), *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, *WORKER, *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -154,7 +155,7 @@ def test_kill_and_resume_subprocess(tmp_path):
     workdir = tmp_path / "run"
     steps, every = 60, 5
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), *map(str, ("resume", workdir, steps, every, 0.2, out1))],
+        [sys.executable, *WORKER, *map(str, ("resume", workdir, steps, every, 0.2, out1))],
         cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -269,7 +270,7 @@ def _start_workers(tmp_path, tag, workdir, init_h5, steps, every, sleep_s):
         env = dict(os.environ, TMPDIR=str(tmp), TF_CONFIG=tf_config)
         log = open(tmp_path / f"{tag}{task}.log", "w")
         procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), "multi_worker", str(workdir), str(init_h5), str(steps),
+            [sys.executable, *WORKER, "multi_worker", str(workdir), str(init_h5), str(steps),
              str(every), str(sleep_s), str(tmp_path / f"{tag}")],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
@@ -291,8 +292,7 @@ def _wait_all(procs, tmp_path, tag, timeout=300):
 def _single_process_reference(tmp_path, steps, every):
     """The initial weights (saved for the workers) and the weights after `steps` steps of the same
     global batches in this process, on one device."""
-    sys.path.insert(0, str(WORKER.parent))
-    from train_worker import multi_worker_model
+    from tests.compress.train_worker import multi_worker_model
 
     keras.backend.clear_session()
     tf.random.set_seed(1)
@@ -315,8 +315,7 @@ MW_NOISE_ONLY = ("attn_k/bias",)
 
 
 def _assert_weights_equal(got_npz, want):
-    sys.path.insert(0, str(WORKER.parent))
-    from train_worker import multi_worker_model
+    from tests.compress.train_worker import multi_worker_model
 
     names = [v.name for v in multi_worker_model().weights]
     got = np.load(got_npz)

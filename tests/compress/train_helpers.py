@@ -1,12 +1,10 @@
-"""Synthetic stand-ins for `experiments.data` and tiny models, shared by the
-training/distillation tests and their subprocess workers."""
+"""Synthetic stand-ins for `experiments.data`, shared by the training/distillation tests and
+their subprocess workers (the tiny models and `local_cluster`: tests/helpers.py, re-exported)."""
 
 from __future__ import annotations
 
-import json
-import socket
-
-from models.compat import keras, tf
+from models.compat import tf
+from tests.helpers import local_cluster, tiny_convnet, tiny_vit  # noqa: F401
 
 SIZES = (32, 48, 64)  # multi-scale plan of the stand-in sampler
 PIXELS = 8 * 48 * 48  # constant pixels per batch, as the ml-cvnets sampler
@@ -47,40 +45,3 @@ def make_train_ds(start_step=0, *, num_classes=5, multiscale=True, fixed_size=32
 def make_val_ds(*, num_classes=5, size=32, n=16, batch=8):
     return make_train_ds(0, num_classes=num_classes, multiscale=False, fixed_size=size,
                          batch=batch).take(n // batch)
-
-
-def tiny_convnet(num_classes=5, *, input_size=None, two_heads=False, dropout=0.0, name="tiny"):
-    shape = (input_size, input_size, 3) if input_size else (None, None, 3)
-    inputs = keras.Input(shape, name="image")
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="valid", name=f"{name}_conv1")(inputs)
-    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn1")(x)
-    x = keras.layers.Activation("relu", name=f"{name}_relu1")(x)
-    x = keras.layers.Conv2D(16, 3, strides=2, padding="valid", name=f"{name}_conv2")(x)
-    x = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(x)
-    if dropout:
-        x = keras.layers.Dropout(dropout, name=f"{name}_drop")(x)
-    out = keras.layers.Dense(num_classes, name=f"{name}_head")(x)
-    if two_heads:
-        dist = keras.layers.Dense(num_classes, name=f"{name}_dist_head")(x)
-        return keras.Model(inputs, [out, dist], name=name)
-    return keras.Model(inputs, out, name=name)
-
-
-def tiny_vit(num_classes=5, *, input_size=None, name="tiny_vit"):
-    from models.vit import build_vit
-
-    return build_vit(dim=32, depth=1, heads=2, mlp_dim=64, num_classes=num_classes,
-                     input_size=input_size, name=name)
-
-
-def local_cluster(n):
-    """TF_CONFIG values of the `n` tasks of a MultiWorkerMirroredStrategy cluster on loopback
-    ports free right now (bound to port 0, then released for the workers)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    workers = [f"localhost:{s.getsockname()[1]}" for s in socks]
-    for s in socks:
-        s.close()
-    return [json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
-            for i in range(n)]

@@ -1,10 +1,10 @@
 """Subprocess worker for tests/compress/test_training.py (not a test module).
 
-  python tests/compress/train_worker.py resume WORKDIR STEPS CKPT_EVERY SLEEP_S OUT_JSON
-  python tests/compress/train_worker.py mirrored OUT_JSON
-  python tests/compress/train_worker.py seeded WORKDIR OUT_JSON
+  python -m tests.compress.train_worker resume WORKDIR STEPS CKPT_EVERY SLEEP_S OUT_JSON
+  python -m tests.compress.train_worker mirrored OUT_JSON
+  python -m tests.compress.train_worker seeded WORKDIR OUT_JSON
 
-  TF_CONFIG=... python tests/compress/train_worker.py multi_worker WORKDIR INIT_H5 STEPS \
+  TF_CONFIG=... python -m tests.compress.train_worker multi_worker WORKDIR INIT_H5 STEPS \
       CKPT_EVERY SLEEP_S OUT_PREFIX
 
 `mirrored` must configure two logical CPU devices before TensorFlow initialises, which is why
@@ -20,14 +20,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from models.compat import keras, tf  # noqa: E402
+from models.compat import keras, tf
 
 
 def resume(workdir, steps, ckpt_every, sleep_s, out):
-    from train_helpers import make_train_ds, make_val_ds, tiny_convnet
+    from tests.compress.train_helpers import make_train_ds, make_val_ds, tiny_convnet
 
     from compress.training import train
 
@@ -54,7 +51,7 @@ def mirrored(out):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import numpy as np
-    from train_helpers import make_train_ds, make_val_ds, tiny_convnet, tiny_vit
+    from tests.compress.train_helpers import make_train_ds, make_val_ds, tiny_convnet, tiny_vit
 
     from compress.distill import Distiller, distillation_loss
     from compress.training import train
@@ -136,8 +133,8 @@ def seeded(workdir, out):
     """Same seed, same figures: two runs of a student with dropout, and a run crashed after a
     checkpoint then resumed (a fresh model, seeded again, as a restarted process would be)."""
     import numpy as np
-    import train_helpers as helpers
-    from train_helpers import make_val_ds, tiny_convnet
+    import tests.compress.train_helpers as helpers
+    from tests.compress.train_helpers import make_val_ds, tiny_convnet
 
     from compress.training import set_seed, train
 
@@ -195,14 +192,14 @@ def seeded(workdir, out):
 def multi_worker_model():
     """The student of the multi-worker test: no BatchNorm, so its update does not depend on how
     the global batch is split between the workers."""
-    from train_helpers import tiny_vit
+    from tests.compress.train_helpers import tiny_vit
 
     return tiny_vit(name="mw_student")
 
 
 def multi_worker(workdir, init_h5, steps, ckpt_every, sleep_s, out_prefix):
     import numpy as np
-    from train_helpers import make_train_ds
+    from tests.compress.train_helpers import make_train_ds
 
     from compress.training import get_strategy, train
 

@@ -1,6 +1,6 @@
 """Runs many `python -m experiments.pipeline` command lines cheaply (not a test module).
 
-    python tests/experiments/pipeline_cases.py CASES.json RESULTS.json
+    python -m tests.experiments.pipeline_cases CASES.json RESULTS.json   (from the repository root)
 
 CASES.json: a list of {"argv": [...], "offline": bool, "disk_full": bool}. The heavy imports
 (TensorFlow, the registry, the stages) are done once here; each case then runs in a forked
@@ -22,21 +22,18 @@ import tempfile
 import time
 import traceback
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
 # TensorFlow and everything the pipeline imports, once for every case
-import compress.measure.costs  # noqa: E402,F401
-import compress.tflite.audit  # noqa: E402,F401
-import compress.tflite.convert  # noqa: E402,F401
-import experiments.benchmark  # noqa: E402,F401
-import compress.prune  # noqa: E402,F401
-import compress.training  # noqa: E402,F401
-import experiments.data  # noqa: E402,F401
-import experiments.stages  # noqa: E402,F401
-import models  # noqa: E402,F401
-import models.vit_checkpoints  # noqa: E402,F401
-import tensorflow_datasets  # noqa: E402,F401
+import compress.measure.costs  # noqa: F401
+import compress.prune  # noqa: F401
+import compress.tflite.audit  # noqa: F401
+import compress.tflite.convert  # noqa: F401
+import compress.training  # noqa: F401
+import experiments.benchmark  # noqa: F401
+import experiments.data  # noqa: F401
+import experiments.stages  # noqa: F401
+import models  # noqa: F401
+import models.vit_checkpoints  # noqa: F401
+import tensorflow_datasets  # noqa: F401
 
 
 def _simulate(case):

@@ -2,13 +2,12 @@
 a non-zero exit and no traceback: flags, --config values and their ranges, --teacher files,
 --data folders and tfds names, the --workdir, a full disk, a second run on a locked workdir.
 
-The cases run through tests/experiments/pipeline_cases.py: one process imports TensorFlow once
-and runs each command line of `python -m experiments.pipeline` in a forked child.
+The cases run through `python -m tests.experiments.pipeline_cases`: one process imports
+TensorFlow once and runs each command line of `python -m experiments.pipeline` in a forked child.
 """
 
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -17,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-WORKER = pathlib.Path(__file__).with_name("pipeline_cases.py")
+from tests.helpers import REPO, import_torch_timm, pipeline_command, require_module
+
+WORKER = ["-m", "tests.experiments.pipeline_cases"]
 GOOD = {"student": "mobilevit_xxs", "teacher": "vit_tiny_patch16", "data": "{data}",
         "workdir": "{tmp}/wd"}
 
@@ -140,7 +140,7 @@ def results(tmp_path_factory):
     (tmp / "bad_teacher_stage" / "model.json").write_text(
         json.dumps({"name": "vit_tiny_patch16", "num_classes": 2, "overrides": {}}))
     (tmp / "bad_teacher_stage" / "weights.h5").write_bytes(b"truncated")
-    timm, torch = pytest.importorskip("timm"), pytest.importorskip("torch")
+    torch, timm = import_torch_timm()
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp / "resnet18.pth")
     good = {"a": 2, "b": 2}
     _folder(tmp / "good", {"train": good, "val": good})
@@ -162,7 +162,7 @@ def results(tmp_path_factory):
         cases.append({"argv": argv, **extra})
     (tmp / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "VIT_COMPRESS_CACHE": ""}
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp / "cases.json"),
+    proc = subprocess.run([sys.executable, *WORKER, str(tmp / "cases.json"),
                            str(tmp / "results.json")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -190,16 +190,14 @@ def test_second_run_on_a_locked_workdir_names_the_holder(tmp_path):
     """A live process holding the workdir's lock refuses a second pipeline run; when it ends
     (here: SIGKILL) the lock is released with it."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, '.');"
+        [sys.executable, "-c", "import sys, time;"
          "from experiments.workdir import lock_workdir; lock_workdir(sys.argv[1]);"
          "print('locked', flush=True); time.sleep(120)", str(tmp_path)],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        proc = subprocess.run(
-            [sys.executable, "-m", "experiments.pipeline", "--student=mobilevit_xxs",
-             "--teacher=vit_tiny_patch16", "--data=/nonexistent", f"--workdir={tmp_path}"],
-            cwd=REPO, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(pipeline_command(tmp_path, "/nonexistent"), cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert f"another run (pid {holder.pid}) is using this workdir" in last, last
@@ -242,16 +240,16 @@ def test_multi_worker_tasks_share_the_workdir_but_not_their_lock(tmp_path):
 
 def test_a_good_teacher_checkpoint_passes_flag_validation(tmp_path):
     """A timm ViT .safetensors is read and accepted; the run then stops at the missing data."""
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import_torch_timm()
+    safetensors_torch = require_module("safetensors.torch")
     from timm.models.vision_transformer import VisionTransformer
 
     tm = VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=1, num_heads=3)
     path = tmp_path / "vit.safetensors"
     safetensors_torch.save_file({k: v.contiguous() for k, v in tm.state_dict().items()}, path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.pipeline", "--student=mobilevit_xxs",
-         f"--teacher={path}", "--data=/nonexistent/imagenette", f"--workdir={tmp_path / 'run'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(pipeline_command(tmp_path / "run", "/nonexistent/imagenette",
+                                           teacher=path), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and "--teacher" not in proc.stderr
     assert "/nonexistent/imagenette" in last, last

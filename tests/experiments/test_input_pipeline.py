@@ -14,6 +14,7 @@ from PIL import Image
 from experiments import data as ip
 from experiments.data import augment, sources
 from models.compat import tf
+from tests.helpers import require_module
 
 CLASSES = ("cat", "dog", "fish")
 # A small sampler for the tiny folder: sizes {32, 64, 96}, batches keep 64*64*4 pixels.
@@ -202,7 +203,7 @@ def test_clear_errors(folder, tmp_path):
 
 
 def test_tfds_not_prepared_error_names_flag(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    tfds = require_module("tensorflow_datasets")
 
     def offline(self, *a, **k):
         raise ConnectionError("no internet")
@@ -230,8 +231,8 @@ def test_tfds_offline_fails_at_once_with_how_to_prepare(monkeypatch, tmp_path):
 def test_tfds_download_path_reaches_the_network(monkeypatch, tmp_path):
     """TFDS's download path imports everything it needs (importlib_resources, in 4.9.10) and
     fails on the network request itself: here every HTTP request is refused."""
-    tfds = pytest.importorskip("tensorflow_datasets")
-    requests = pytest.importorskip("requests")
+    tfds = require_module("tensorflow_datasets")
+    requests = require_module("requests")
     asked = []
 
     def refuse(self, url, *args, **kwargs):
@@ -262,7 +263,7 @@ def test_tfds_split_mapping():
 def test_tfds_source_offline_under_mock_data(monkeypatch):
     """The tfds: loader end to end without the network: mock_data stands in for the download
     and the prepared files (the connectivity probe is told the machine is online)."""
-    tfds = pytest.importorskip("tensorflow_datasets")
+    tfds = require_module("tensorflow_datasets")
     monkeypatch.setattr(sources, "_offline_reason", lambda: None)
     with tfds.testing.mock_data(num_examples=8):
         src = ip.load_source("tfds:imagenette/160px-v2", "val")

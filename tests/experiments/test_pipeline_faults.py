@@ -2,7 +2,8 @@
 right after a checkpoint), in export and in benchmark (both after `--overwrite`, once the first
 file or row is written), then resumed with the same command without `--overwrite`. Every figure
 must equal the unbroken smoke run's (conftest.py): the QAT metrics, the exported files and the
-results.csv rows (no row lost, none duplicated, the same top-1).
+results.csv rows (no row lost, none duplicated, the same top-1). The default tier kills the
+benchmark stage alone; the slow tier kills all three in turn.
 """
 
 import csv
@@ -11,24 +12,20 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
+import pytest
+
+from tests.helpers import REPO, pipeline_command
 
 FIGURES = ("val_top1", "val_loss", "train_loss", "train_accuracy")
 
 
-def _command(workdir, data, *extra):
-    return [sys.executable, "-m", "experiments.pipeline", "--student=mobilevit_xxs",
-            "--teacher=vit_tiny_patch16", f"--data={data}", f"--workdir={workdir}",
-            "--preset=smoke", *extra]
-
-
-def _kill_when(workdir, data, ready, *extra, timeout=900):
+def _kill_when(workdir, data, ready, *extra, timeout=1800):
     """Start the pipeline, SIGKILL it as soon as `ready()` is true; returns its stdout."""
-    proc = subprocess.Popen(_command(workdir, data, *extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(pipeline_command(workdir, data, *extra), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.time() + timeout
         while not ready():
@@ -50,6 +47,35 @@ def _rows(workdir):
         return list(csv.DictReader(f))
 
 
+def _assert_rows_equal(work, unbroken):
+    """The resumed results.csv has the unbroken run's rows: none lost, none duplicated, the
+    same top-1 and agreement."""
+    key = ("path", "threads", "delegate")
+    got_rows = {tuple(r[k] for k in key): r for r in _rows(work)}
+    want_rows = {tuple(r[k] for k in key): r for r in _rows(unbroken)}
+    assert len(got_rows) == len(_rows(work))  # no duplicates
+    assert got_rows.keys() == want_rows.keys()
+    for k, r in want_rows.items():
+        assert got_rows[k]["top1"] == r["top1"] and got_rows[k]["agreement"] == r["agreement"], k
+    assert os.path.exists(work / "benchmark" / "DONE")
+
+
+def test_benchmark_killed_after_overwrite_resumes_the_rest(smoke_run, run_pipeline, tmp_path):
+    """Killed after `--overwrite` once the first row is written: the old DONE must be gone, so
+    the plain resume measures the rest (the kill point: the copy's results.csv is removed
+    first, so the first row is the new process's)."""
+    unbroken, _, data = smoke_run
+    work = tmp_path / "killed"
+    shutil.copytree(unbroken, work)
+    (work / "results.csv").unlink()
+    _kill_when(work, data, lambda: len(_rows(work)) >= 1, "--stages=benchmark", "--overwrite")
+    assert not (work / "benchmark" / "DONE").exists()
+    assert 0 < len(_rows(work)) < len(_rows(unbroken))
+    run_pipeline(work, data, "--stages=benchmark")
+    _assert_rows_equal(work, unbroken)
+
+
+@pytest.mark.slow
 def test_kill_anywhere_then_resume_equals_an_unbroken_run(smoke_run, run_pipeline, tmp_path):
     unbroken, _, data = smoke_run
     work = tmp_path / "killed"
@@ -91,11 +117,4 @@ def test_kill_anywhere_then_resume_equals_an_unbroken_run(smoke_run, run_pipelin
     assert not (work / "benchmark" / "DONE").exists()
     assert len(_rows(work)) < len(_rows(unbroken))
     run_pipeline(work, data, "--stages=benchmark")
-    key = ("path", "threads", "delegate")
-    got_rows = {tuple(r[k] for k in key): r for r in _rows(work)}
-    want_rows = {tuple(r[k] for k in key): r for r in _rows(unbroken)}
-    assert len(got_rows) == len(_rows(work))  # no duplicates
-    assert got_rows.keys() == want_rows.keys()
-    for k, r in want_rows.items():
-        assert got_rows[k]["top1"] == r["top1"] and got_rows[k]["agreement"] == r["agreement"], k
-    assert os.path.exists(work / "benchmark" / "DONE")
+    _assert_rows_equal(work, unbroken)

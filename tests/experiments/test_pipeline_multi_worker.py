@@ -10,23 +10,14 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "compress"))
-from train_helpers import local_cluster  # noqa: E402
-
-from models.compat import tf  # noqa: E402
+from models.compat import tf
+from tests.helpers import REPO, local_cluster, pipeline_command, run_pipeline
 
 STEPS, EVERY = 12, 4
-
-
-def command(workdir, data, *extra):
-    return [sys.executable, "-m", "experiments.pipeline", "--student=mobilevit_xxs",
-            "--teacher=vit_tiny_patch16", f"--data={data}", f"--workdir={workdir}",
-            "--preset=smoke", *extra]
 
 
 def start_workers(tmp_path, tag, workdir, data, steps=STEPS, *extra):
@@ -36,7 +27,7 @@ def start_workers(tmp_path, tag, workdir, data, steps=STEPS, *extra):
     procs = []
     for task, tf_config in enumerate(local_cluster(2)):
         log = open(tmp_path / f"{tag}{task}.log", "w")
-        procs.append(subprocess.Popen(command(workdir, data, *distill),
+        procs.append(subprocess.Popen(pipeline_command(workdir, data, *distill), cwd=REPO,
                                       env=dict(os.environ, TF_CONFIG=tf_config),
                                       stdout=log, stderr=subprocess.STDOUT))
     return procs
@@ -47,16 +38,13 @@ def events_pids(logdir):
     return {int(p.name.split(".")[-3]) for p in pathlib.Path(logdir).rglob("events.out.*")}
 
 
-def test_two_pipeline_workers_share_one_workdir(tmp_path, imagenette_dir):
+def test_two_pipeline_workers_share_one_workdir(tmp_path, smoke_teacher):
     """The default tier's short form: two pipeline processes run the distill stage (2 steps, no
     labels-only baseline) in one workdir to the end, the chief alone writing its files (the
-    workdir lock once refused the second worker: experiments/workdir.lock_name)."""
-    workdir = tmp_path / "run"
-    teacher = subprocess.run(command(workdir, imagenette_dir, "--stages=teacher",
-                                     "--config.teacher.steps=2"),
-                             capture_output=True, text=True, timeout=900)
-    assert teacher.returncode == 0, teacher.stderr[-3000:]
-    procs = start_workers(tmp_path, "short", workdir, imagenette_dir, 2,
+    workdir lock must not refuse the second worker: experiments/workdir.lock_name). The
+    teacher is the smoke run's."""
+    workdir, data = smoke_teacher
+    procs = start_workers(tmp_path, "short", workdir, data, 2,
                           "--config.distill.baseline=false")
     try:
         for task, p in enumerate(procs):
@@ -75,9 +63,7 @@ def test_two_pipeline_workers_share_one_workdir(tmp_path, imagenette_dir):
 @pytest.mark.slow
 def test_distill_stage_on_two_workers(tmp_path, imagenette_dir):
     workdir = tmp_path / "run"
-    teacher = subprocess.run(command(workdir, imagenette_dir, "--stages=teacher"),
-                             capture_output=True, text=True, timeout=900)
-    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    run_pipeline(workdir, imagenette_dir, "--stages=teacher", timeout=900)
     ckpt = workdir / "distill" / "ckpt"
 
     procs = start_workers(tmp_path, "first", workdir, imagenette_dir)

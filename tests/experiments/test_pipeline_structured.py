@@ -4,27 +4,24 @@ compress/structured.py, and QAT and export work from it (its files smaller than 
 its int8 files on the dense file's fast path)."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import models
 from compress.measure.costs import static_costs
 from compress.tflite.audit import audit_tflite
+from tests.helpers import run_pipeline
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 STUDENT, KEEP = "mobile_former_52m", 0.8
 
 
-def test_structured_smoke_run_cuts_and_later_stages_use_the_cut(tmp_path, imagenette_dir):
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "experiments.pipeline", f"--student={STUDENT}",
-           "--teacher=vit_tiny_patch16", f"--data={imagenette_dir}", f"--workdir={workdir}",
-           "--preset=smoke", "--stages=teacher,distill,prune,qat,export",
-           "--config.distill.baseline=false", "--config.prune.method=structured",
-           f"--config.prune.keep={KEEP}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+def test_structured_smoke_run_cuts_and_later_stages_use_the_cut(smoke_teacher):
+    """From the smoke run's teacher, 2 steps per training stage and the formats read here."""
+    workdir, data = smoke_teacher
+    run_pipeline(workdir, data, "--stages=distill,prune,qat,export",
+                 "--config.distill.baseline=false", "--config.prune.method=structured",
+                 f"--config.prune.keep={KEEP}", "--config.distill.steps=2",
+                 "--config.distill.warmup_steps=1", "--config.prune.steps=2",
+                 "--config.qat.steps=2", "--config.export.formats.distill=('fp32', 'int8')",
+                 "--config.export.formats.prune=('fp32', 'int8')", student=STUDENT)
 
     spec = json.loads((workdir / "prune" / "model.json").read_text())
     widths = spec["overrides"]["widths"]

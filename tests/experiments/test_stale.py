@@ -2,7 +2,7 @@
 and a run refuses, before any work and in one line, to reuse or keep a stage made from other
 inputs; every figure carries its provenance; a damaged teacher cache shard is rebuilt.
 
-The command lines run through tests/experiments/pipeline_cases.py (TensorFlow imported once per
+The command lines run through `python -m tests.experiments.pipeline_cases` (TensorFlow imported once per
 batch) on a tiny folder of random images, with two steps per training stage.
 """
 
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-WORKER = pathlib.Path(__file__).with_name("pipeline_cases.py")
+WORKER = ["-m", "tests.experiments.pipeline_cases"]
 SMALL = ["--config.teacher.steps=2", "--config.distill.steps=2", "--config.distill.baseline=false",
          "--config.prune.steps=2", "--config.export.formats.distill=('fp32',)",
          "--config.export.formats.prune=('fp32',)"]
@@ -43,7 +43,7 @@ def _batch(tmp, cases):
     path, out = tmp / "cases.json", tmp / "results.json"
     path.write_text(json.dumps([{"argv": argv} for argv in cases]))
     env = {**os.environ, "VIT_COMPRESS_CACHE": str(tmp / "decoded")}
-    proc = subprocess.run([sys.executable, str(WORKER), str(path), str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, *WORKER, str(path), str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())

@@ -1,7 +1,7 @@
 """Every `--teacher` form through the pipeline's teacher stage on real Imagenette (smoke subset):
 the record in teacher/model.json, how the head was made, whether it trained, its top-1.
 
-The command lines run through tests/experiments/pipeline_cases.py (TensorFlow imported once,
+The command lines run through `python -m tests.experiments.pipeline_cases` (TensorFlow imported once,
 each case in a forked child, exactly as `python -m experiments.pipeline ARGV`).
 """
 
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from models.compat import keras
+from tests.helpers import require_module
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-WORKER = pathlib.Path(__file__).with_name("pipeline_cases.py")
+WORKER = ["-m", "tests.experiments.pipeline_cases"]
 BASE = ["--student=mobilevit_xxs", "--preset=smoke", "--stages=teacher",
          "--config.teacher.steps=2", "--config.teacher.warmup_steps=0",
          "--config.data.val_per_class=2"]
@@ -34,7 +35,7 @@ def _keras_in1k(path, *, save_format=None):
 
 
 def _hf_folder(path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     cfg = transformers.ViTConfig(hidden_size=192, num_hidden_layers=1, num_attention_heads=3,
                                  intermediate_size=384, image_size=64, patch_size=16,
                                  num_labels=10)
@@ -43,7 +44,7 @@ def _hf_folder(path):
 
 
 def _timm_in1k(path):
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     from timm.models.vision_transformer import VisionTransformer
 
     vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=192, depth=1, num_heads=3,
@@ -103,7 +104,7 @@ def results(tmp_path_factory, imagenette_dir):
                                f"--workdir={tmp / name}"]})
     # a teacher folder of this project: the registry run's teacher/, in a second batch
     (tmp / "cases.json").write_text(json.dumps(cases))
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp / "cases.json"),
+    proc = subprocess.run([sys.executable, *WORKER, str(tmp / "cases.json"),
                            str(tmp / "results.json")], cwd=REPO, capture_output=True, text=True,
                           timeout=1500, env={**os.environ, "VIT_COMPRESS_CACHE": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -111,7 +112,7 @@ def results(tmp_path_factory, imagenette_dir):
     folder_case = [{"argv": [*BASE, f"--teacher={tmp / 'registry' / 'teacher'}",
                              f"--data={imagenette_dir}", f"--workdir={tmp / 'folder'}"]}]
     (tmp / "cases2.json").write_text(json.dumps(folder_case))
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp / "cases2.json"),
+    proc = subprocess.run([sys.executable, *WORKER, str(tmp / "cases2.json"),
                            str(tmp / "results2.json")], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,8 +3,6 @@ init-time zero/1e-5 tensors randomised so a wrong mapping shows), the timm state
 non-default sizes, graph hygiene and TFLite conversion (fp32 and full-integer int8)."""
 
 import collections
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -12,27 +10,10 @@ import pytest
 import models
 from models.compat import keras, tf
 from models.efficientformer import AttentionBias, convert_timm_state_dict
+from tests.helpers import import_torch_timm, load_images, run_tflite
 
-# triton's native library segfaults when it loads after TensorFlow (seen with torch 2.14.1 +
-# TF 2.21); CPU torch does not need it, so make `import triton` fail cleanly instead.
-sys.modules.setdefault("triton", None)
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-
-MEAN = np.array([0.485, 0.456, 0.406], "float32")
-STD = np.array([0.229, 0.224, 0.225], "float32")
+torch, timm = import_torch_timm()  # blocks triton, which segfaults when loaded after TensorFlow
 TOL = 1e-4
-
-
-def load_images(root: pathlib.Path, n: int, size: int = 224) -> np.ndarray:
-    """`n` Imagenette val images (one per class), resized to size x size, ImageNet-normalised."""
-    from PIL import Image
-
-    files = [sorted((root / "val" / c).glob("*.JPEG"))[0] for c in sorted(
-        p.name for p in (root / "val").iterdir())[:n]]
-    imgs = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC))
-            for f in files]
-    return ((np.stack(imgs).astype("float32") / 255.0 - MEAN) / STD).astype("float32")
 
 
 def random_timm(name: str, seed: int = 0):
@@ -68,7 +49,7 @@ def timm_logits(tm, x):
 
 @pytest.fixture(scope="module")
 def images(imagenette_dir):
-    return load_images(imagenette_dir, 4)
+    return load_images(imagenette_dir, 4, 224, imagenet_norm=True)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +102,7 @@ def test_two_heads_match_timm_distilled_training(l1_pair, images):
                                   if n != "efficientformer_l1"])
 def test_l3_l7_logits_match_timm(name, imagenette_dir):
     keras.backend.clear_session()
-    x = load_images(imagenette_dir, 2)
+    x = load_images(imagenette_dir, 2, 224, imagenet_norm=True)
     tm = random_timm(name, seed=1)
     km = models.create_model(name)
     convert_timm_state_dict(km, state_dict_numpy(tm))
@@ -215,13 +196,6 @@ def litert(content):
 
     return Interpreter(model_content=content, experimental_op_resolver_type=(
         OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
-
-
-def run_tflite(content, x):
-    """Float outputs of a .tflite file under the default XNNPACK delegate, as deployed."""
-    from compress.tflite.interpreter import make_interpreter, run_tflite as run
-
-    return run(make_interpreter(content), x)
 
 
 def op_names(content):

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import require
+from tests.helpers import require_module as require
 
 import models
 from models import efficientnet_lite as E

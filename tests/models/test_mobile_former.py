@@ -9,7 +9,6 @@ checked, not restated.
 """
 
 import math
-import pathlib
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import pytest
 import models
 from models.compat import keras, tf
 from models import mobile_former as mf
+from tests.helpers import load_images, run_tflite
 
 ERF = np.vectorize(math.erf)
 BN_EPS = LN_EPS = 1e-5
@@ -464,15 +464,6 @@ def test_save_and_reload_h5(tmp_path, rng):
 
 # --- TFLite -----------------------------------------------------------------------------------
 
-def imagenette_images(root, n, size):
-    files = sorted(pathlib.Path(root, "val").glob("*/*.JPEG"))[:: 97][:n]
-    out = []
-    for f in files:
-        img = tf.io.decode_jpeg(tf.io.read_file(str(f)), channels=3)
-        out.append(tf.image.resize(tf.cast(img, tf.float32) / 255.0, (size, size)).numpy())
-    return np.stack(out)
-
-
 def tflite_ops(content):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -490,13 +481,6 @@ def assert_builtin_only(ops, tensors):
         if op["op_name"] == "TRANSPOSE":
             assert len(tensors[op["inputs"][0]]["shape"]) <= 4
     return names
-
-
-def run_tflite(content, imgs):
-    """Float outputs of a .tflite file under the default XNNPACK delegate, as deployed."""
-    from compress.tflite.interpreter import make_interpreter, run_tflite as run
-
-    return run(make_interpreter(content), imgs)
 
 
 @pytest.fixture(scope="module")
@@ -521,14 +505,14 @@ def test_tflite_fp32_builtin_and_matches_keras(model_96m_224, imagenette_dir, tm
     names = assert_builtin_only(ops, tensors)
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "SOFTMAX"} <= names
     assert "MAXIMUM" not in names  # dynamic ReLU as MUL + fused RELU + ADD (int8 in XNNPACK)
-    imgs = imagenette_images(imagenette_dir, 2, 224)
+    imgs = load_images(imagenette_dir, 2, 224)
     diff = np.abs(run_tflite(content, imgs) - model_96m_224(imgs).numpy()).max()
     assert diff < 1e-4, diff
 
 
 @pytest.mark.slow
 def test_tflite_int8_full_integer_builtin(model_96m_224, imagenette_dir):
-    imgs = imagenette_images(imagenette_dir, 4, 224)
+    imgs = load_images(imagenette_dir, 4, 224)
     conv = tf.lite.TFLiteConverter.from_keras_model(model_96m_224)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.representative_dataset = lambda: ([img[None]] for img in imgs)

@@ -2,38 +2,16 @@
 timm (random weights, real images), TFLite fp32/int8 conversion with builtin ops only.
 (Gradients through the resize path, clone and config round trips: test_all_models.py.)"""
 
-import sys
-
 import numpy as np
 import pytest
 
 import models
-from models.compat import keras, tf
+from models.compat import keras
 from models.layers import CUSTOM_OBJECTS
 from models.mobilevit import Fold, Unfold, convert_timm_state_dict
+from tests.helpers import import_torch_timm, load_images, run_tflite
 
 PARITY_ATOL = 1e-4
-
-
-def import_torch_timm():
-    """torch and timm, imported after TensorFlow without crashing.
-
-    torch imports triton (via torchvision -> torch._dynamo) and triton's native library
-    segfaults when TensorFlow is already loaded in the process (measured here). Torch runs on
-    CPU in these tests, so triton is blocked: torch then treats it as not installed.
-    """
-    if "torch" not in sys.modules:
-        sys.modules.setdefault("triton", None)
-    return pytest.importorskip("torch"), pytest.importorskip("timm")
-
-
-def load_images(root, size, n=4):
-    """`n` Imagenette val images (from different classes), resized to size x size, in [0, 1]."""
-    files = sorted((root / "val").glob("*/*.JPEG"))[::500][:n]
-    assert len(files) == n
-    imgs = [tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(str(f)), channels=3), (size, size))
-            for f in files]
-    return (np.stack([i.numpy() for i in imgs]) / 255.0).astype("float32")
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +136,7 @@ def check_parity(name, sizes, imagenette_dir, input_size=None):
     assert len(summary["loaded"]) + len(summary["ignored"]) == len(state)
     diffs = {}
     for size in sizes:
-        imgs = load_images(imagenette_dir, size)
+        imgs = load_images(imagenette_dir, 4, size)
         ours = model(imgs, training=False).numpy()
         with torch.no_grad():
             ref = timm_model(torch.from_numpy(imgs).permute(0, 3, 1, 2)).numpy()
@@ -224,13 +202,6 @@ def tflite_ops(content):
     return {op["op_name"] for op in Interpreter(model_content=content)._get_ops_details()}
 
 
-def run_tflite(content, x):
-    """Float outputs of a .tflite file under the default XNNPACK delegate, as deployed."""
-    from compress.tflite.interpreter import make_interpreter, run_tflite as run
-
-    return run(make_interpreter(content), x)
-
-
 def assert_builtin_only(ops):
     assert not {o for o in ops if o.startswith("Flex") or o == "CUSTOM" or "custom" in o.lower()}
     assert "SPLIT_V" not in ops
@@ -243,7 +214,7 @@ def test_tflite_fp32_and_int8_builtin_only(imagenette_dir, tmp_path):
 
     keras.backend.clear_session()
     model = models.create_model("mobilevit_xxs", num_classes=10, input_size=256)
-    imgs = load_images(imagenette_dir, 256, n=4)
+    imgs = load_images(imagenette_dir, 4, 256)
 
     export_tflite(model, tmp_path / "fp32.tflite", fmt="fp32", input_size=256)
     fp32 = (tmp_path / "fp32.tflite").read_bytes()

@@ -10,7 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO, require
+from tests.helpers import REPO, require_module as require
 
 from models import torch_pickle
 

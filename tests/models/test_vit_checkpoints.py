@@ -9,10 +9,10 @@ import pytest
 from experiments.workdir import StageDir
 from models import vit_checkpoints
 from models.compat import keras
+from tests.helpers import import_torch_timm, require_module
 
-timm = pytest.importorskip("timm")
-torch = pytest.importorskip("torch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+torch, timm = import_torch_timm()
+safetensors_torch = require_module("safetensors.torch")
 
 # Narrow and shallow, but a width timm's head table knows (192 -> 3 heads).
 TINY = dict(img_size=32, patch_size=16, embed_dim=192, depth=2, num_heads=3, num_classes=10)
@@ -136,7 +136,7 @@ def test_custom_architecture_round_trips_through_model_json(tmp_path, rng):
 
 
 def test_hugging_face_folder_logits_equal_transformers(tmp_path, rng):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     cfg = transformers.ViTConfig(hidden_size=192, num_hidden_layers=2, num_attention_heads=4,
                                  intermediate_size=384, image_size=32, patch_size=16,
                                  num_labels=10)  # 4 heads: read from config.json, not the table

@@ -8,9 +8,9 @@ import pytest
 
 import models
 from models.compat import keras
+from tests.helpers import import_torch_timm, require_module
 
-timm = pytest.importorskip("timm")
-torch = pytest.importorskip("torch")
+torch, timm = import_torch_timm()
 
 
 def test_checkpoint_file_converts_to_matching_keras_weights(tmp_path):
@@ -62,7 +62,7 @@ def _convert(model_name, ckpt, out):
 
 
 def test_vit_checkpoint_converts_to_matching_keras_weights(tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch = require_module("safetensors.torch")
     torch.manual_seed(0)
     tm = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
     with torch.no_grad():  # timm inits biases to 0 and norms to 1: perturb them all

@@ -194,8 +194,11 @@ def _fake_run(**config):
     for key, value in config.items():
         section, name = key.split(".")
         cfg[section][name] = value
+    from models import teachers
+
     return types.SimpleNamespace(cfg=cfg, student="mobilevit_xxs", export_size=64,
                                  teacher_arg="vit_tiny_patch16", data="tfds:imagenette",
+                                 teacher_record=teachers.resolve("vit_tiny_patch16"),
                                  train_src=None, workdir=pathlib.Path("/nonexistent"))
 
 
@@ -224,3 +227,29 @@ def test_no_speed_up_between_rows_of_different_hosts():
     table = "\n".join(glance_lines(rows))
     assert "none: measured on cpu B, 8 cores, its reference on cpu A, 2 cores" in table
     assert "| 2.00x |" in table
+
+
+@pytest.mark.slow
+def test_a_sweep_with_overwrite_matches_fresh_runs(tmp_path):
+    """One key swept over three values in one workdir, --overwrite each time: each value's
+    figures equal those of a fresh workdir run with that value (nothing of the previous value
+    leaks into the next)."""
+    data = _images(tmp_path / "data", 4)
+
+    def argv(wd, lr, *extra):
+        return ["--student=mobilevit_xxs", "--teacher=vit_tiny_patch16", f"--data={data}",
+                f"--workdir={wd}", "--preset=smoke", *SMALL, f"--config.distill.lr={lr}",
+                "--stages=teacher,distill", *extra]
+
+    lrs = (0.002, 0.02, 0.2)
+    sweep, figures = tmp_path / "sweep", {}
+    for lr in lrs:  # the sweep's figures are read before the next value replaces them
+        _ok(_batch(tmp_path, [argv(sweep, lr, "--overwrite")])[0])
+        figures[lr] = _json(sweep / "distill" / "metrics.json")
+    fresh = _batch(tmp_path, [argv(tmp_path / f"fresh{i}", lr) for i, lr in enumerate(lrs)])
+    for i, lr in enumerate(lrs):
+        _ok(fresh[i])
+        alone = _json(tmp_path / f"fresh{i}" / "distill" / "metrics.json")
+        for key in ("val_top1", "val_loss", "train_loss", "step", "fingerprint"):
+            assert figures[lr][key] == alone[key], (lr, key, figures[lr][key], alone[key])
+    assert len({figures[lr]["train_loss"] for lr in lrs}) == 3  # the key did change the run

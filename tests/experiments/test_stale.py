@@ -178,7 +178,7 @@ def test_every_figure_carries_its_provenance(runs):
         metrics = _json(wd / row["stage"] / "metrics.json")
         assert row["stage_fingerprint"] == metrics["fingerprint"]
         assert row["benchmark_fingerprint"] == bench["fingerprint"]
-        assert row["code_version"] == metrics["code_version"] and row["host"]
+        assert row["code_version"] == bench["code_version"] and row["host"]  # what measured it
         assert row["tensorflow_version"] == metrics["runtime"]["tensorflow"]
         assert row["litert_version"] == metrics["runtime"]["litert"]
     assert bench["host"]["cores"] and bench["host"]["threads"] == [1]

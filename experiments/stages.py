@@ -223,16 +223,22 @@ class Run:
         model) on the whole validation split; its per-image predictions go to
         `folder/val_predictions.npy` for the paired gain (experiments.summary), and `val/top1`,
         `val/loss` to TensorBoard under `logdir`."""
+        from tqdm.auto import tqdm
+
         from compress.distill import label_loss
         from experiments.summary import save_predictions
         from models.compat import tf
 
         preds, losses, labels = [], [], []
-        for images, y in self._val_ds(size):
-            logits = tf.cast(model(images, training=False), tf.float32)
-            preds.append(np.argmax(logits.numpy(), -1))
-            losses.append(label_loss(y, logits, label_smoothing=label_smoothing).numpy())
-            labels.append(y.numpy())
+        desc = f"[{os.path.basename(folder)}] validation"
+        with tqdm(total=self.val_src.num_examples, desc=desc, unit="img",
+                  disable=not self.chief) as bar:
+            for images, y in self._val_ds(size):
+                logits = tf.cast(model(images, training=False), tf.float32)
+                preds.append(np.argmax(logits.numpy(), -1))
+                losses.append(label_loss(y, logits, label_smoothing=label_smoothing).numpy())
+                labels.append(y.numpy())
+                bar.update(len(labels[-1]))
         preds, labels = np.concatenate(preds), np.concatenate(labels)
         out = {"val_top1": float((preds == labels).mean()),
                "val_loss": float(np.concatenate(losses).mean())}

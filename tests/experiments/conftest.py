@@ -1,5 +1,6 @@
-"""The smoke pipeline run shared by the tests that read its outputs (one unbroken run of every
-stage, into a temporary workdir, once per test run)."""
+"""The smoke pipeline runs shared by tests: one unbroken run of every stage (`smoke_run`, once
+per test run: tests/conftest.py sends its readers to one worker), and a teacher stage alone
+(`smoke_teacher`, for the tests that start from a finished teacher)."""
 
 import shutil
 
@@ -25,11 +26,20 @@ def smoke_run(tmp_path_factory, imagenette_dir):
     return workdir, proc, imagenette_dir
 
 
+@pytest.fixture(scope="session")
+def smoke_teacher_stage(tmp_path_factory, imagenette_dir):
+    """A workdir where the smoke preset ran its teacher stage alone (a minute, not the whole
+    smoke run's several): (workdir, data)."""
+    workdir = tmp_path_factory.mktemp("smoke_teacher")
+    _run_pipeline(workdir, imagenette_dir, "--stages=teacher")
+    return workdir, imagenette_dir
+
+
 @pytest.fixture
-def smoke_teacher(smoke_run, tmp_path):
-    """A fresh workdir holding only the smoke run's finished teacher stage (the same preset, so
-    a later run's teacher stage is done already), and the data: (workdir, data)."""
-    unbroken, _, data = smoke_run
+def smoke_teacher(smoke_teacher_stage, tmp_path):
+    """A fresh workdir holding only a finished smoke teacher stage (the same preset, so a later
+    run's teacher stage is done already), and the data: (workdir, data)."""
+    finished, data = smoke_teacher_stage
     workdir = tmp_path / "run"
-    shutil.copytree(unbroken / "teacher", workdir / "teacher")
+    shutil.copytree(finished / "teacher", workdir / "teacher")
     return workdir, data

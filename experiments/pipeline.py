@@ -41,8 +41,7 @@ from ml_collections import config_flags
 
 from compress.training import STRATEGIES
 from experiments.configs import PRESETS, check
-
-STAGES = ("teacher", "distill", "prune", "qat", "export", "benchmark", "report")
+from experiments.fingerprint import STAGES
 _CONFIG_FILE = str(pathlib.Path(__file__).with_name("configs.py"))
 
 FLAGS = flags.FLAGS

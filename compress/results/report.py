@@ -267,6 +267,8 @@ def write_report(
     out_dir: str | None = None,
     machine: dict | Sequence[dict] | None = None,
     title: str | None = None,
+    preamble: Sequence[str] = (),
+    appendix: Sequence[str] = (),
 ) -> str:
     """Write `report.md` and the three PNG plots (`PLOTS`) into `out_dir` (default `workdir`).
 
@@ -276,6 +278,9 @@ def write_report(
       out_dir: where report.md and the plots go.
       machine: `machine_info()` of the measuring host(s); default: `<workdir>/machine.json`.
       title: the report's heading.
+      preamble: lines right under the heading (the pipeline's distillation gain, teacher and
+        provenance).
+      appendix: lines at the end (the pipeline's training stages).
 
     Returns:
       The path of report.md.
@@ -303,7 +308,10 @@ def write_report(
     if not front and os.path.exists(os.path.join(out_dir, FRONT)):  # an earlier run's
         os.remove(os.path.join(out_dir, FRONT))
     cols = (("workdir",) if with_workdir else ()) + _TABLE
-    lines = [f"# {title or 'TFLite benchmark report'}", "", "## Machine", ""]
+    lines = [f"# {title or 'TFLite benchmark report'}", ""]
+    if preamble:
+        lines += [*preamble, ""]
+    lines += ["## Machine", ""]
     for m in machines:
         lines += _machine_lines(m)
     lines += [
@@ -336,6 +344,8 @@ def write_report(
         stem = name[:-4].replace("_", " ")
         lines.append(f"![{stem}]({name})" + ("" if ok else "  (no data for this plot)"))
         lines.append("")
+    if appendix:
+        lines += [*appendix, ""]
     path = os.path.join(out_dir, "report.md")
     atomic_write(path, "\n".join(lines))
     return path

@@ -68,7 +68,7 @@ EXTRA_COLUMNS = (
     "host_figures",
     "prune_method",  # none (no pruning upstream) | magnitude | structured (compress/structured.py)
     "kept_fraction",  # structured: fraction of the dense student's MACs; magnitude: of weights
-    "teacher_top1",  # the run's teacher, Keras, whole val split (written by the report stage)
+    "teacher_top1",  # the run's teacher, Keras, whole val split (the pipeline's benchmark stage)
     "baseline_top1",  # the run's labels-only student, likewise
 )
 
@@ -192,8 +192,6 @@ def write_results(
     for r in existing + rows:
         merged[row_key(r, key)] = r  # later rows (the new ones) win, first position is kept
     present = {k for r in merged.values() for k in r}
-    if present & set(PROVENANCE_COLUMNS):  # their place does not move when the report adds these
-        present |= {"teacher_top1", "baseline_top1"}
     header = list(COLUMNS) + [k for k in EXTRA_COLUMNS + PROVENANCE_COLUMNS if k in present]
     for r in merged.values():
         for k in r:

@@ -422,8 +422,8 @@ def test_fixed_size_student_trains_and_exports_at_its_size(folder, tmp_path):
     s = c.distill.sampler
     batch = round(s.base_batch * s.base_size**2 / 224**2)
     for section in (c.distill, c.prune, c.qat):
-        assert run._sampler(section).pairs == [(224, batch)]
+        assert run.sampler(section).pairs == [(224, batch)]
     assert run.export_size == 224
     xxs = Run(student="mobilevit_xxs", teacher="vit_tiny_patch16", data=str(folder),
               workdir=tmp_path / "xxs", config=c)
-    assert len(xxs._sampler(c.distill).pairs) == s.n_scales  # the multi-scale sampler as is
+    assert len(xxs.sampler(c.distill).pairs) == s.n_scales  # the multi-scale sampler as is

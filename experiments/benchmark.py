@@ -105,8 +105,10 @@ def benchmark_files(
                 audit=audit, evaluation=evaluation, agreement=agree, machine=machine,
                 note=info.get("note", ""), **kw,
             )  # fmt: skip
-            row.update({k: info[k] for k in ("prune_method", "kept_fraction",
-                                             *res.PROVENANCE_COLUMNS) if k in info})
+            # the rest of file_info: prune facts, the run's teacher and labels-only top-1,
+            # provenance
+            row.update({k: v for k, v in info.items() if k not in kw
+                        and k not in ("note", "input_size")})
             res.write_results(workdir, [row], machine=machine)
             written.append(row)
             log(f"{rel} threads={t} {d}: p50 {lat['latency_p50_ms']:.3f} ms")

@@ -24,8 +24,16 @@ def _optim(steps, lr, weight_decay, warmup_steps, min_lr_ratio=0.01, label_smoot
 
 
 def _kd(kind="soft", alpha=0.5, temperature=2.0):
-    """The teacher's part in a prune or QAT stage (compress.distill.KINDS; `kd_alpha` weighs it)."""
-    return dict(kind=kind, kd_alpha=alpha, temperature=temperature)
+    """The teacher's part in a prune or QAT stage: `kd_kind` (compress.distill.KINDS),
+    `kd_alpha` (its weight against the labels) and `kd_temperature`, the distill section's
+    `kind`, `alpha` and `temperature` for that stage (`prune.method` is the pruning kind)."""
+    return dict(kd_kind=kind, kd_alpha=alpha, kd_temperature=temperature)
+
+
+# Keys that were renamed, still accepted on the command line with a one-line note
+# (experiments.pipeline): old -> new.
+RENAMED = {f"{s}.{old}": f"{s}.kd_{old}" for s in ("prune", "qat")
+           for old in ("kind", "temperature")}
 
 
 def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
@@ -241,7 +249,7 @@ def _rules(c, size_divisor: int, teacher_divisor: int):
             rules.append((f"{name}.eval_every", *_int(0)))
         if name in ("prune", "qat"):
             rules += [(f"{name}.kd_alpha", *_real(0, 1)),
-                      (f"{name}.temperature", *_real(0, None, lo_open=True))]
+                      (f"{name}.kd_temperature", *_real(0, None, lo_open=True))]
         if "sampler" in s:
             sm, (multiple, text) = s.sampler, _multiple(size_divisor)
             order = (f"{text}, with min_size <= base_size <= max_size (now {sm.min_size}, "

@@ -186,7 +186,28 @@ def _config_keys(cfg, stage: str) -> dict:
         for part in key.split("."):
             value = value[part]
         add("" if i == 0 and key == stage else key, value)
-    return _plain(out)
+    return _plain({_recorded_name(stage, k): v for k, v in out.items()})
+
+
+def _recorded_name(stage: str, key: str) -> str:
+    """A renamed key (configs.RENAMED) is hashed under its old name, so that stages finished
+    before the rename keep their fingerprints; `_shown_name` is the reverse, for messages."""
+    from experiments.configs import RENAMED
+
+    old = {new: old for old, new in RENAMED.items()}
+    full = f"{stage}.{key}" if f"{stage}.{key}" in old else key
+    if full not in old:
+        return key
+    return old[full].split(".", 1)[1] if full != key else old[full]
+
+
+def _shown_name(stage: str, key: str) -> str:
+    from experiments.configs import RENAMED
+
+    full = f"{stage}.{key}" if f"{stage}.{key}" in RENAMED else key
+    if full not in RENAMED:
+        return key
+    return RENAMED[full].split(".", 1)[1] if full != key else RENAMED[full]
 
 
 def components(run, stage: str, planned: dict) -> dict:
@@ -259,7 +280,8 @@ def differences(old: dict, new: dict) -> dict[str, list[str]]:
     for k in [*cb, *(k for k in ca if k not in cb)]:
         if ca.get(k, "(unset)") != cb.get(k, "(unset)"):
             out.setdefault("config", []).append(
-                f"{k} {_short(ca.get(k, '(unset)'))} -> {_short(cb.get(k, '(unset)'))}")
+                f"{_shown_name(new.get('stage', ''), k)} {_short(ca.get(k, '(unset)'))} -> "
+                f"{_short(cb.get(k, '(unset)'))}")
     for what in ("student", "export_size", "teacher", "data", "host"):
         if a.get(what) != b.get(what):
             x, y = a.get(what), b.get(what)

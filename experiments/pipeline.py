@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from compress.training import STRATEGIES
-from experiments.configs import PRESETS, check
+from experiments.configs import PRESETS, RENAMED, check
 from experiments.fingerprint import STAGES
 _CONFIG_FILE = str(pathlib.Path(__file__).with_name("configs.py"))
 
@@ -72,6 +72,22 @@ def _preset_from_argv(argv: list[str]) -> str:
             preset = argv[i + 1]
     return preset if preset in PRESETS else "smoke"  # DEFINE_enum reports it
 
+
+def renamed_flags(argv: list[str]) -> list[str]:
+    """`argv` with the renamed --config keys (configs.RENAMED) under their new names, and a
+    one-line note on stderr for each."""
+    out = []
+    for a in argv:
+        key = a[len("--config."):].split("=", 1)[0] if a.startswith("--config.") else ""
+        if key in RENAMED:
+            print(f"note: --config.{key} is now --config.{RENAMED[key]}", file=sys.stderr)
+            a = f"--config.{RENAMED[key]}" + a[len("--config.") + len(key):]
+        out.append(a)
+    return out
+
+
+if __name__ == "__main__":  # before config_flags defines the --config.* overrides from argv
+    sys.argv[:] = renamed_flags(sys.argv)
 
 try:
     config_flags.DEFINE_config_file(
@@ -151,8 +167,8 @@ def validate_flags():
 
     c = FLAGS.config
     checks = {"mixed_precision": (c.mixed_precision, PRECISIONS),
-              "distill.kind": (c.distill.kind, KINDS), "prune.kind": (c.prune.kind, KINDS),
-              "qat.kind": (c.qat.kind, KINDS), "prune.schedule": (c.prune.schedule, SCHEDULES),
+              "distill.kind": (c.distill.kind, KINDS), "prune.kd_kind": (c.prune.kd_kind, KINDS),
+              "qat.kd_kind": (c.qat.kd_kind, KINDS), "prune.schedule": (c.prune.schedule, SCHEDULES),
               "prune.m_by_n": (c.prune.m_by_n, ("", "2:4")),
               "prune.method": (c.prune.method, structured.METHODS),
               "prune.importance": (c.prune.importance, structured.IMPORTANCE)}

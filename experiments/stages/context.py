@@ -281,10 +281,11 @@ class Run:
             keras.backend.clear_session()  # the teacher is not needed any more
         return self._teacher_cache
 
-    def student_fit(self, stage, section, *, kind, alpha, student_fn, tb_name, callbacks_fn=None):
-        """Train a student with `section`'s optimiser, sampler and temperature; the teacher's
-        outputs come from the teacher cache when there is one, else from the teacher run on
-        every batch."""
+    def student_fit(self, stage, section, *, kind, alpha, temperature, student_fn, tb_name,
+                    callbacks_fn=None):
+        """Train a student with `section`'s optimiser and sampler, the teacher's part given by
+        `kind`, `alpha` and `temperature`; the teacher's outputs come from the teacher cache
+        when there is one, else from the teacher run on every batch."""
         from compress.distill import Distiller
 
         cache = self.teacher_cache() if kind != "none" else None
@@ -293,7 +294,7 @@ class Run:
 
         def build():
             return Distiller(student_fn(), teacher, kind=kind, alpha=alpha,
-                             temperature=section.temperature, teacher_size=teacher_size,
+                             temperature=temperature, teacher_size=teacher_size,
                              label_smoothing=section.label_smoothing,
                              teacher_from_data=cache is not None)
 

@@ -15,14 +15,15 @@ def run(ctx: Run, stage: StageDir) -> None:
         base = stage.child("baseline")
         if not base.done:
             base.begin({"kind": "none"})
-            distiller, m = ctx.student_fit(base, d, kind="none", alpha=0.0,
-                                           student_fn=lambda: ctx.build_student(
-                                                 training_heads=True),
-                                           tb_name="distill_baseline")
+            distiller, m = ctx.student_fit(
+                base, d, kind="none", alpha=0.0, temperature=d.temperature,
+                student_fn=lambda: ctx.build_student(training_heads=True),
+                tb_name="distill_baseline")
             base.save_weights(distiller.student)
             base.finish(m)
         metrics["baseline_val_top1"] = base.metrics().get("val_top1")
     distiller, m = ctx.student_fit(stage, d, kind=d.kind, alpha=d.alpha,
+                                   temperature=d.temperature,
                                    student_fn=lambda: ctx.build_student(training_heads=True),
                                    tb_name="distill")
     stage.save_weights(distiller.student)

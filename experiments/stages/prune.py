@@ -30,7 +30,8 @@ def run(ctx: Run, stage: StageDir) -> None:
                                    **_prune_kwargs(ctx))
 
     distiller, m = ctx.student_fit(
-        stage, p, kind=p.kind, alpha=p.kd_alpha, student_fn=student_fn,
+        stage, p, kind=p.kd_kind, alpha=p.kd_alpha, temperature=p.kd_temperature,
+        student_fn=student_fn,
         tb_name="prune", callbacks_fn=lambda: prune.pruning_callbacks(str(ctx.tb / "prune")))
     stripped = prune.strip(distiller.student)
     report = prune.sparsity_report(stripped)
@@ -65,9 +66,9 @@ def _structured(ctx: Run, stage: StageDir) -> None:
             return ctx.build_student(training_heads=True,
                                      overrides={"widths": read_json(cut_path)["widths"]})
         dense = ctx.load_student("distill", training_heads=True)
-        teacher, teacher_size = ctx.load_teacher() if p.kind != "none" else (None, None)
-        objective = Distiller(dense, teacher, kind=p.kind, alpha=p.kd_alpha,
-                              temperature=p.temperature, teacher_size=teacher_size,
+        teacher, teacher_size = ctx.load_teacher() if p.kd_kind != "none" else (None, None)
+        objective = Distiller(dense, teacher, kind=p.kd_kind, alpha=p.kd_alpha,
+                              temperature=p.kd_temperature, teacher_size=teacher_size,
                               label_smoothing=p.label_smoothing).batch_loss
         size = dense.input_shape[1] or ctx.export_size
         batches = ctx.train_ds_factory(ctx.sampler(
@@ -88,8 +89,9 @@ def _structured(ctx: Run, stage: StageDir) -> None:
               f"MACs kept ({p.importance} importance), widths {cut['widths']}")
         return small
 
-    distiller, m = ctx.student_fit(stage, p, kind=p.kind, alpha=p.kd_alpha,
-                                   student_fn=student_fn, tb_name="prune")
+    distiller, m = ctx.student_fit(stage, p, kind=p.kd_kind, alpha=p.kd_alpha,
+                                   temperature=p.kd_temperature, student_fn=student_fn,
+                                   tb_name="prune")
     cut = read_json(cut_path)
     stage.save_weights(distiller.student)
     stage.save_model_json(name=ctx.student, num_classes=ctx.num_classes,

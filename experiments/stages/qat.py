@@ -20,7 +20,8 @@ def run(ctx: Run, stage: StageDir) -> None:
         return quantize.apply_qat(ctx.load_student(source, training_heads=True),
                                   preserve_sparsity=q.preserve_sparsity and sparse)
 
-    distiller, m = ctx.student_fit(stage, q, kind=q.kind, alpha=q.kd_alpha,
+    distiller, m = ctx.student_fit(stage, q, kind=q.kd_kind, alpha=q.kd_alpha,
+                                   temperature=q.kd_temperature,
                                    student_fn=student_fn, tb_name="qat")
     stage.save_weights(distiller.student)
     stage.save_model_json(name=ctx.student, num_classes=ctx.num_classes,

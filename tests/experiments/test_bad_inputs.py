@@ -74,7 +74,8 @@ CASES = [
     ("label_smoothing", {"config.distill.label_smoothing": "1.0"}, r"--config.distill.label_smoothing: 1.0 is not accepted; accepted: a number in \[0, 1\)", {}),
     ("alpha", {"config.distill.alpha": "1.5"}, r"--config.distill.alpha: 1.5 is not accepted", {}),
     ("kd_alpha", {"config.qat.kd_alpha": "-0.5"}, r"--config.qat.kd_alpha: -0.5 is not accepted", {}),
-    ("temperature", {"config.prune.temperature": "0.0"}, r"--config.prune.temperature: 0.0 is not accepted; accepted: a number > 0", {}),
+    ("temperature", {"config.prune.kd_temperature": "0.0"}, r"--config.prune.kd_temperature: 0.0 is not accepted; accepted: a number > 0", {}),
+    ("renamed_key", {"config.qat.temperature": "0.0"}, r"--config.qat.kd_temperature: 0.0 is not accepted", {}),
     ("sampler_order", {"config.distill.sampler.min_size": "128"}, r"--config.distill.sampler.min_size: 128 is not accepted; accepted: .*min_size <= base_size <= max_size", {}),
     ("sampler_multiple", {"config.qat.sampler.base_size": "100"}, r"--config.qat.sampler.base_size: 100 is not accepted; accepted: a positive multiple of 32", {}),
     ("n_scales", {"config.distill.sampler.n_scales": "0"}, r"--config.distill.sampler.n_scales: 0 is not accepted", {}),
@@ -184,6 +185,13 @@ def test_bad_input_is_one_line(results, name, expected):
     # no stage ran (a latency budget is checked when the prune stage starts, before it trains)
     assert "starting" not in r["stdout"] or name in ("disk_full",
                                                       "structured_target_ms_out_of_reach"), r["stdout"]
+
+
+def test_a_renamed_config_key_is_accepted_with_a_note(results):
+    """`qat.temperature` is now `qat.kd_temperature`: the old name reaches the new key (its
+    value is checked under the new name, above) after one line naming both."""
+    err = results["renamed_key"]["stderr"]
+    assert "note: --config.qat.temperature is now --config.qat.kd_temperature" in err
 
 
 def test_second_run_on_a_locked_workdir_names_the_holder(tmp_path):

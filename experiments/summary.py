@@ -90,12 +90,3 @@ def student_trials(gain: dict, *, model: str, input_size: int) -> list[dict]:
                      "top1": gain["distilled_top1"]})
     return rows
 
-
-def insert_after_title(report_path, lines) -> None:
-    """Puts `lines` right under report.md's title (its first line), atomically."""
-    path = pathlib.Path(report_path)
-    text = path.read_text().split("\n")
-    text[1:1] = ["", *lines]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("\n".join(text))
-    os.replace(tmp, path)

@@ -25,10 +25,10 @@ def test_report_opens_with_the_gain_and_warns_about_a_weak_teacher(tmp_path):
     assert gain["paired"]["diff"] == 0.15 and gain["paired"]["low"] > 0
     assert "teacher 40.0%, labels-only 60.0%, distilled 75.0%; gain +15.0 points" in gain["line"]
     assert "Warning: the teacher is below the labels-only student" in gain["line"]
-    report = tmp_path / "report.md"
-    report.write_text("# title\n\n## Machine\n")
-    summary.insert_after_title(report, [gain["line"]])
-    lines = report.read_text().split("\n")
+    from compress.results.report import write_report
+
+    report = write_report(str(tmp_path), rows=[], title="title", preamble=[gain["line"]])
+    lines = open(report).read().split("\n")
     assert lines[0] == "# title" and lines[2] == gain["line"] and lines[4] == "## Machine"
     trials = summary.student_trials(gain, model="m", input_size=64)
     assert [(t["stage"], t["distill.kind"], t["top1"]) for t in trials] == [

@@ -1,8 +1,8 @@
 """The whole pipeline in one command: teacher -> distill -> prune -> qat -> export -> benchmark
 -> report (flags and workdir layout: README.md, docs/pipeline.md).
 
-    python -m experiments.pipeline --student=mobilevit_xxs --teacher=vit_tiny_patch16 \
-        --data=../shared/data/imagenette2-160 --workdir=runs/xxs --preset=quick
+    python -m experiments.pipeline --student=mobilevit_xxs --teacher=efficientnet_lite2 \
+        --data=$IMAGENETTE_DIR --workdir=runs/xxs --preset=quick
     tensorboard --logdir runs/xxs/tb
 
 Overrides: any preset value as `--config.<section>.<key>=value`, e.g.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -36,7 +37,6 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette2-160"
 
 
 def timing(args) -> None:
@@ -165,7 +165,9 @@ def main(argv=None) -> None:
     p.add_argument("--teacher_size", type=int, default=128)
     p.add_argument("--teacher_dir", help="accuracy: a teacher stage folder of a pipeline run")
     p.add_argument("--workdir", help="accuracy: where the two runs go")
-    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--data", default=os.environ.get("IMAGENETTE_DIR"),
+                   required=not os.environ.get("IMAGENETTE_DIR"),
+                   help="Imagenette folder (default: $IMAGENETTE_DIR)")
     p.add_argument("--images", type=int, default=512, help="timing: training images used")
     p.add_argument("--views", type=int, default=8)
     p.add_argument("--top_k", type=int, default=10)

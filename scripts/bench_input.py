@@ -1,6 +1,6 @@
 """Images/s of the training input pipeline: MobileViT multi-scale sampler vs a fixed resolution.
 
-    python scripts/bench_input.py --data=/work/shared/data/imagenette2-160 --seconds=30 \
+    python scripts/bench_input.py --data=$IMAGENETTE_DIR --seconds=30 \
         [--preset=full] [--parallel=0,1,2,4]
 
 Runs `experiments.data.train_dataset` on its own (no model) and prints, for each
@@ -46,8 +46,9 @@ def _time(ds, seconds: float, warmup: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=os.environ.get("IMAGENETTE_DIR",
-                                                    "/work/shared/data/imagenette2-160"))
+    p.add_argument("--data", default=os.environ.get("IMAGENETTE_DIR"),
+                   required=not os.environ.get("IMAGENETTE_DIR"),
+                   help="Imagenette folder (default: $IMAGENETTE_DIR)")
     p.add_argument("--preset", default="full", choices=PRESETS, help="whose distill sampler")
     p.add_argument("--parallel", default="0",
                    help="comma list of num_parallel_calls of the decode map; 0 = AUTOTUNE")

@@ -3,7 +3,7 @@ sparsity buys anything under XNNPACK (the structured front, measured without tra
 docs/structured_pruning.md).
 
     python scripts/bench_structured.py --models=mobilevit_xxs:256,efficientformer_l1:224 \
-        --keeps=1,0.7,0.55,0.4 --calib_dir=../shared/data/imagenette2-160/train \
+        --keeps=1,0.7,0.55,0.4 --calib_dir=$IMAGENETTE_DIR/train \
         --outdir=runs/bench_structured --rounds=8 [--sparse]
 
 Each model is built at its size with 10 classes and random weights, its BatchNorm statistics

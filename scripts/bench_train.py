@@ -47,8 +47,6 @@ from compress.distill import Distiller  # noqa: E402
 from compress.training import set_mixed_precision, train  # noqa: E402
 from models.compat import keras, tf  # noqa: E402
 
-DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette2-160"
-
 
 def reference_student(impl: str, name: str, num_classes: int, size: int):
     """`name` built by the other implementation `impl` (`compress.bench.REFERENCES`), with
@@ -242,7 +240,9 @@ def main(argv=None):
                    help="the other Keras implementation of part 1 (compress.bench.REFERENCES)")
     p.add_argument("--xla", action="store_true", help="also time our KD step under XLA")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--data", default=os.environ.get("IMAGENETTE_DIR", str(DEFAULT_DATA)))
+    p.add_argument("--data", default=os.environ.get("IMAGENETTE_DIR"),
+                   required=not os.environ.get("IMAGENETTE_DIR"),
+                   help="Imagenette folder (default: $IMAGENETTE_DIR)")
     p.add_argument("--pipeline_steps", type=int, default=8)
     p.add_argument("--pipeline_precision", default="mixed_bfloat16")
     p.add_argument("--limit_per_class", type=int, default=100,

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 WD=${1:-/tmp/two_hosts}
-DATA=${DATA:-../shared/data/imagenette2-160}
+DATA=${DATA:-${IMAGENETTE_DIR:?set IMAGENETTE_DIR (or DATA) to the imagenette2-160 folder}}
 
 cleanup() { ip netns del hA 2>/dev/null || true; ip netns del hB 2>/dev/null || true; }
 trap cleanup EXIT

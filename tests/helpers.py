@@ -25,10 +25,9 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The real data set beside the checkout (../shared/data/imagenette2-160); IMAGENETTE_DIR overrides.
-IMAGENETTE = pathlib.Path(
-    os.environ.get("IMAGENETTE_DIR", REPO.parent / "shared" / "data" / "imagenette2-160")
-)
+# The real data set (Imagenette 160 px, `imagenette2-160`): the folder IMAGENETTE_DIR names.
+IMAGENETTE = pathlib.Path(os.environ.get("IMAGENETTE_DIR", "")).absolute() if os.environ.get(
+    "IMAGENETTE_DIR") else None
 SMOKE_STUDENT, SMOKE_TEACHER = "mobilevit_xxs", "vit_tiny_patch16"
 
 
@@ -54,8 +53,11 @@ def require_module(name: str):
 
 
 def require_imagenette() -> pathlib.Path:
+    if IMAGENETTE is None:
+        missing("IMAGENETTE_DIR is not set: set it to the imagenette2-160 folder")
     if not (IMAGENETTE / "train").is_dir():
-        missing(f"Imagenette not found at {IMAGENETTE} (set IMAGENETTE_DIR)")
+        missing(f"IMAGENETTE_DIR={IMAGENETTE} has no train/ folder: set it to the "
+                "imagenette2-160 folder")
     return IMAGENETTE
 
 

@@ -1,5 +1,6 @@
 """Presets of the pipeline: `smoke` (CI, minutes on a 2-core CPU), `quick` (real Imagenette
-figures on a 2-core CPU: about 1.5 hours on a Zen 5 VM, about 3 on an AVX2-only one), `full` (the papers' recipes, for a GPU machine).
+figures on a 2-core CPU: about 1.5 hours on a Zen 5 VM, 2.3 on a Xeon with AMX, about 3 on an
+AVX2-only one), `full` (the papers' recipes, for a GPU machine).
 
 Every value can be overridden on the command line as `--config.<section>.<key>=value`
 (ml_collections: types are checked and unknown keys are refused). Step counts are optimizer
@@ -102,8 +103,9 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         eval_every=0,
         sampler=sampler,
         # quick: 1,200 steps for each of the two students (labels-only and distilled): 2 x 19 min
-        # on a 2-core Zen 5 VM (0.93 s/step, bfloat16), 2 x 50 min on a 2-core AVX2-only one
-        # (2.2-2.5 s/step, float32; docs/results/2026-12-07-quick-pretrained-teacher.md)
+        # on a 2-core Zen 5 VM (0.93 s/step, bfloat16), 2 x 40 min on a 2-core Xeon with AMX
+        # (1.8-2.0 s/step, bfloat16), 2 x 50 min on a 2-core AVX2-only one (2.2-2.5 s/step,
+        # float32; docs/results/2026-12-07-quick-pretrained-teacher*.md)
         **_optim(steps=8 if smoke else (1200 if quick else 300_000), lr=2e-3,
                  weight_decay=0.01 if not smoke else 0.0,
                  warmup_steps=2 if smoke else (120 if quick else 20_000)),

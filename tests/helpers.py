@@ -26,8 +26,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The real data set (Imagenette 160 px, `imagenette2-160`): the folder IMAGENETTE_DIR names.
-IMAGENETTE = pathlib.Path(os.environ.get("IMAGENETTE_DIR", "")).absolute() if os.environ.get(
-    "IMAGENETTE_DIR") else None
+_DATA = os.environ.get("IMAGENETTE_DIR")
+IMAGENETTE = pathlib.Path(_DATA).absolute() if _DATA else None
 SMOKE_STUDENT, SMOKE_TEACHER = "mobilevit_xxs", "vit_tiny_patch16"
 
 

@@ -57,6 +57,24 @@ def paired_difference(correct_a, correct_b, *, confidence: float = 0.95, draws: 
             "a_only": a_only, "b_only": b_only, "p_mcnemar": mcnemar_exact(a_only, b_only)}
 
 
+def seed_interval(values, *, confidence: float = 0.95) -> dict:
+    """Mean of one figure over independent training runs (seeds) and its two-sided Student t
+    interval: the training noise that a paired interval over validation images does not cover.
+    `low`/`high` are None for fewer than two values."""
+    from scipy import stats
+
+    v = np.asarray(values, float).ravel()
+    if v.size == 0:
+        raise ValueError("seed_interval: no values")
+    if not 0 < confidence < 1:
+        raise ValueError(f"seed_interval: confidence must be in (0, 1), got {confidence}")
+    out = {"n": int(v.size), "mean": float(v.mean()), "low": None, "high": None}
+    if v.size >= 2:
+        half = stats.t.ppf(0.5 + confidence / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+        out.update(low=float(out["mean"] - half), high=float(out["mean"] + half))
+    return out
+
+
 def mcnemar_exact(a_only: int, b_only: int) -> float:
     """Two-sided exact McNemar p-value from the two discordant counts (1.0 when both are 0)."""
     m = a_only + b_only

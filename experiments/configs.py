@@ -83,8 +83,9 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c.distill = dict(
         kind="soft",  # compress.distill.KINDS: soft | hard | none
         # quick: the teacher's soft labels alone at T=1, no label term (function matching,
-        # Beyer et al. 2022: a strong teacher and consistent views); not yet compared with
-        # other alpha/T by a paired run. smoke keeps both terms so both are exercised.
+        # Beyer et al. 2022: a strong teacher and consistent views); T=4 scored 7.5 points
+        # below T=1 in a paired run of 600 steps (docs/results/2026-12-07-gain-over-seeds.md);
+        # alpha not yet compared. smoke keeps both terms so both are exercised.
         alpha=1.0 if quick else 0.5,
         temperature=1.0 if quick else 2.0,
         # Also train a labels-only student at the same steps, data and seed: report.md opens
@@ -113,8 +114,9 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c.prune = dict(
         # magnitude: zeros in the weights (tfmot); structured: whole heads, MLP units and
         # expansion channels removed, a smaller dense model (compress/structured.py)
-        # quick: structured, the method that makes files faster (magnitude zeros do not on XNNPACK)
-        method="structured" if quick else "magnitude",
+        # smoke and quick: structured, the method that makes files faster (magnitude zeros do
+        # not on XNNPACK); full: magnitude
+        method="magnitude" if preset == "full" else "structured",
         keep=0.7,  # structured: fraction of the distilled student's MACs kept (export size)
         importance="taylor",  # structured: taylor | magnitude (compress/structured.py)
         min_width=0.25,  # structured: fraction of every block's units that stays

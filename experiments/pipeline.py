@@ -179,7 +179,7 @@ def validate_flags():
     for key, (value, accepted) in checks.items():
         if value not in accepted:
             _fail(f"--config.{key}: {value!r} is not accepted; accepted: {accepted}")
-    if c.prune.method == "structured":
+    if c.prune.method == "structured" and "prune" in FLAGS.stages:
         _validate_structured(c, info)
     elif c.prune.target_ms:
         _fail("--config.prune.target_ms: a latency budget needs --config.prune.method=structured "

@@ -110,7 +110,7 @@ CASES = [
     ("structured_family", {"config.prune.method": "structured", "student": "vit_tiny_patch16"}, r"structured pruning supports efficientformer_\*, mobile_former_\*, mobilevit_\*; not vit_tiny_patch16", {}),
     ("structured_out_of_reach", {"config.prune.method": "structured", "config.prune.keep": "0.1"}, r"--config.prune.keep=0.1 is out of reach for mobilevit_xxs: .* at least 0\.\d+ of its MACs", {}),
     ("structured_target_ms_out_of_reach", {"config.prune.method": "structured", "config.prune.target_ms": "0.001", "stages": "prune"}, r"--config.prune.target_ms=0.001 is out of reach for mobilevit_xxs at 64 px: its smallest structured cut .* runs in \d+\.\d+ ms as int8 on this host's XNNPACK at --config.prune.target_threads=1", {}),
-    ("magnitude_target_ms", {"config.prune.target_ms": "5.0"}, r"--config.prune.target_ms: a latency budget needs --config.prune.method=structured", {}),
+    ("magnitude_target_ms", {"config.prune.method": "magnitude", "config.prune.target_ms": "5.0"}, r"--config.prune.target_ms: a latency budget needs --config.prune.method=structured", {}),
     ("target_threads", {"config.prune.target_threads": "0"}, r"--config.prune.target_threads: 0 is not accepted; accepted: an integer >= 1", {}),
     ("prune_method", {"config.prune.method": "channels"}, r"--config.prune.method: 'channels' is not accepted; accepted: \('magnitude', 'structured'\)", {}),
     ("cache_with_mixup", {"config.data.mixup": "0.8"}, r"teacher_cache.views: the teacher cache cannot be combined", {}),

@@ -1,5 +1,8 @@
 """The smoke preset end to end on a small real subset of Imagenette: every stage, every artifact
-of the contract, then a second run that skips every finished stage (the run: conftest.py).
+of the contract, the structured cut of the prune stage (as in quick) carried through QAT and
+export, then a second run that skips every finished stage (the run: conftest.py). Magnitude
+pruning through the pipeline: tests/experiments/test_stale.py (default tier) and
+test_pipeline_structured.py (slow tier).
 
 Kill anywhere, lose nothing: a real pipeline process is SIGKILLed in a training stage (QAT,
 right after a checkpoint), in export and in benchmark (both after `--overwrite`, once the first
@@ -24,6 +27,9 @@ import time
 import numpy as np
 import pytest
 
+import models
+from compress.measure.costs import static_costs
+from compress.tflite.audit import audit_tflite
 from tests.helpers import REPO, pipeline_command
 
 REQUIRED = {("distill", "fp32"), ("distill", "fp16"), ("distill", "drq"), ("distill", "int8"),
@@ -38,8 +44,50 @@ def test_training_stages_leave_the_contract_files(smoke_run):
             assert (workdir / stage / name).exists(), f"{stage}/{name}"
         metrics = json.loads((workdir / stage / "metrics.json").read_text())
         assert 0.0 <= metrics["val_top1"] <= 1.0
-    assert json.loads((workdir / "qat" / "model.json").read_text())["wrappers"] == ["prune", "qat"]
-    assert 0.45 <= json.loads((workdir / "prune" / "metrics.json").read_text())["sparsity"] <= 0.55
+    # QAT trains the cut (dense) model: no pruning wrapper to preserve
+    assert json.loads((workdir / "qat" / "model.json").read_text())["wrappers"] == ["qat"]
+
+
+HEADS = 4  # attention heads of every MobileViT transformer block
+
+
+def test_structured_cut_rebuilds_from_model_json_and_later_stages_use_it(smoke_run):
+    """The prune stage cut the distilled student to a smaller dense model that
+    `prune/model.json` rebuilds without compress/structured.py; QAT and export worked from it
+    (its files smaller than the dense ones, its int8 files on the dense file's fast path)."""
+    workdir, _, _ = smoke_run
+    keep = json.loads((workdir / "prune" / "config.json").read_text())["keep"]
+    spec = json.loads((workdir / "prune" / "model.json").read_text())
+    widths = spec["overrides"]["widths"]
+    assert set(widths) == {"expand", "mlp", "heads"}
+    assert all(1 <= h <= HEADS for h in widths["heads"])  # MobileViT: heads cut by count
+    size = next(iter(json.loads((workdir / "export" / "manifest.json").read_text()).values()))[
+        "input_size"]  # the export size, where the MACs are counted
+    cut = models.create_model(spec["name"], num_classes=spec["num_classes"], input_size=size,
+                              **spec["overrides"])
+    cut.load_weights(str(workdir / "prune" / "weights.h5"))  # rebuilt from model.json alone
+    dense = models.create_model(spec["name"], num_classes=spec["num_classes"], input_size=size)
+    kept = static_costs(cut, size)["macs"] / static_costs(dense, size)["macs"]
+    summary = json.loads((workdir / "prune" / "structured.json").read_text())
+    assert abs(summary["kept_fraction"] - kept) < 1e-9 and keep - 0.1 < kept <= keep
+    assert cut.count_params() < dense.count_params()
+
+    export = workdir / "export"
+    files = {p.name.split(".", 1)[1]: p for p in export.glob("*.tflite")}
+    assert "prune.fp32_sparse.tflite" not in files  # a dense cut has no zeros to store sparse
+    assert files["prune.fp32.tflite"].stat().st_size < files["distill.fp32.tflite"].stat().st_size
+    assert files["prune.int8.tflite"].stat().st_size < files["distill.int8.tflite"].stat().st_size
+    dense_audit = audit_tflite(str(files["distill.int8.tflite"]))
+    for name in ("prune.int8", "qat.int8"):
+        audit = audit_tflite(str(files[f"{name}.tflite"]))
+        assert audit["partitions"] == 1 and audit["undelegated_ops"] == {}, name
+        # no float op the dense int8 file lacks (QAT's file quantizes even the stride-2
+        # channel-multiplier depthwise convs that post-training int8 keeps float)
+        extra = {op: n for op, n in audit["float_heavy_by_op"].items()
+                 if n > dense_audit["float_heavy_by_op"].get(op, 0)}
+        assert extra == {}, (name, extra)
+    assert (audit_tflite(str(files["prune.int8.tflite"]))["float_heavy_by_op"]
+            == dense_audit["float_heavy_by_op"])
 
 
 def test_teacher_cache_is_built_once_and_reused(smoke_run):
@@ -85,7 +133,8 @@ def test_results_csv_has_every_required_row_measured(smoke_run):
     for key in (("distill", "int8"), ("qat", "int8")):
         assert by[key]["float_heavy_ops"] == "0", by[key]
         assert by[key]["partitions"] == "1", by[key]
-    assert float(by[("prune", "fp32")]["sparsity"]) >= 0.45
+    assert by[("prune", "fp32")]["prune_method"] == "structured"
+    assert 0 < float(by[("prune", "fp32")]["kept_fraction"]) < 1
 
 
 def test_report_plots_and_tensorboard(smoke_run):

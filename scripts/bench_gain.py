@@ -133,6 +133,7 @@ def main(argv):
     import numpy as np
 
     from compress import training
+    from compress.io import write_json
     from compress.stats import paired_difference, seed_interval
     from experiments import stages
 
@@ -195,8 +196,7 @@ def main(argv):
             ci = "" if low is None else f" [95% CI over seeds {100 * low:+.1f}, {100 * high:+.1f}]"
             print(f"  {policy:>15} {v['name']:>16}: {100 * mean:+.1f}{ci}; per seed "
                   f"{', '.join(f'{100 * g:+.1f}' for g in gains)}")
-    (root / "gain.json").write_text(json.dumps({"students": results, "summary": summary},
-                                               indent=1))
+    write_json(root / "gain.json", {"students": results, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -126,6 +126,14 @@ def train_dataset(source: Source, sampler: MultiScaleSampler, *, start_step: int
     return ds.prefetch(AUTOTUNE)
 
 
+def eval_indices(source: Source, limit: int | None = None) -> np.ndarray:
+    """The examples `eval_dataset(source, limit=limit)` yields, as indexes into the source in
+    that order: all of them, or a class-balanced prefix (round-robin over classes) of `limit`."""
+    if limit is None:
+        return np.arange(source.num_examples, dtype=np.int64)
+    return np.sort(source.balanced_order()[:limit]).astype(np.int64)
+
+
 def eval_dataset(source: Source, *, size: int, batch_size: int, limit: int | None = None,
                  crop_pct: float = 0.875, drop_remainder: bool = False) -> tf.data.Dataset:
     """Finite, deterministic `(float32 [b, size, size, 3] in [0, 1], int32 [b])`.
@@ -133,9 +141,7 @@ def eval_dataset(source: Source, *, size: int, batch_size: int, limit: int | Non
     The shorter side is resized to floor(size / crop_pct), then the centre `size` crop is taken.
     `limit` keeps a class-balanced prefix (round-robin over classes) of that many examples.
     """
-    order = np.arange(source.num_examples, dtype=np.int64)
-    if limit is not None:
-        order = np.sort(source.balanced_order()[:limit])
+    order = eval_indices(source, limit)
 
     def load(index):
         image, label = source.decode(index)

@@ -1,21 +1,20 @@
-"""The benchmark stage: every exported file scored on the validation split and timed per
-(threads, delegate); the rows go to results.csv as each is measured (its only writer)."""
+"""The benchmark stage: every exported file scored on the validation split, compared with the
+Keras model it was converted from (recorded by the export stage) and timed per (threads,
+delegate); the rows go to results.csv as each is measured (its only writer)."""
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from experiments.stages.context import Run
+from experiments.stages.export import REFERENCE, keras_reference
 from experiments.workdir import StageDir, read_json
-from models.compat import keras
 
 
 def run(ctx: Run, stage: StageDir) -> None:
-    from compress.measure.costs import static_costs
     from experiments import fingerprint
     from experiments.benchmark import benchmark_files
+    from experiments.data import eval_indices
 
     b = ctx.cfg.benchmark
     stage.begin(b.to_dict())
@@ -28,15 +27,17 @@ def run(ctx: Run, stage: StageDir) -> None:
     size = ctx.export_size
     val = ctx.val_ds(size, limit=b.val_limit or None)  # a class-balanced subset
     val = [(x.numpy(), y.numpy()) for x, y in val]  # scored once per file, same images
-    per_stage = {}  # stage -> (Keras top-1 per image, static costs), computed once
+    indices = eval_indices(ctx.val_src, b.val_limit or None)
+    per_stage = {}  # stage -> (Keras top-1 per image, static costs), read once
 
     def stage_facts(stage_name):
         if stage_name not in per_stage:
-            model = ctx.inference_model(stage_name, size)
-            preds = np.concatenate([np.argmax(model(x, training=False).numpy(), -1)
-                                    for x, _ in val])
-            per_stage[stage_name] = (preds, static_costs(model, size))
-            keras.backend.clear_session()
+            ref = keras_reference(ctx.workdir, stage_name, indices)
+            if ref is None:
+                raise SystemExit(f"benchmark: export/{REFERENCE} has no Keras reference of the "
+                                 f"{stage_name} stage (an export made by an older version); "
+                                 "redo it: --stages=export,benchmark --overwrite")
+            per_stage[stage_name] = (ref["predictions"], ref)
         return per_stage[stage_name]
 
     def rel(path):

@@ -30,6 +30,7 @@ import pytest
 import models
 from compress.measure.costs import static_costs
 from compress.tflite.audit import audit_tflite
+from experiments.configs import get_config
 from tests.helpers import REPO, pipeline_command
 
 REQUIRED = {("distill", "fp32"), ("distill", "fp16"), ("distill", "drq"), ("distill", "int8"),
@@ -135,6 +136,35 @@ def test_results_csv_has_every_required_row_measured(smoke_run):
         assert by[key]["partitions"] == "1", by[key]
     assert by[("prune", "fp32")]["prune_method"] == "structured"
     assert 0 < float(by[("prune", "fp32")]["kept_fraction"]) < 1
+
+
+def test_export_records_the_keras_models_the_files_are_compared_with(smoke_run):
+    """export/keras_reference.json: the Keras model each stage's files were converted from, its
+    static costs (the rows' params and MACs) and its class per validation image, which the
+    benchmark compares each file with; checked here against the distilled model rebuilt from
+    its stage folder."""
+    from experiments.data import eval_dataset, load_source
+
+    workdir, _, data = smoke_run
+    record = json.loads((workdir / "export" / "keras_reference.json").read_text())
+    assert set(record) == {"distill", "prune", "qat"}
+    with open(workdir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    for stage, ref in record.items():
+        for r in (r for r in rows if r["stage"] == stage):
+            assert (int(r["params"]), int(r["macs"])) == (ref["params"], ref["macs"]), r["path"]
+    spec = json.loads((workdir / "distill" / "model.json").read_text())
+    size = record["distill"]["input_size"]
+    model = models.create_model(spec["name"], num_classes=spec["num_classes"], input_size=size)
+    model.load_weights(str(workdir / "distill" / "weights.h5"))
+    assert static_costs(model, size)["macs"] == record["distill"]["macs"]
+    per_class = get_config("smoke").data.val_per_class
+    val = eval_dataset(load_source(str(data), "val", limit_per_class=per_class), size=size,
+                       batch_size=16)
+    preds = np.concatenate([np.argmax(model(x, training=False).numpy(), -1) for x, _ in val])
+    saved = np.load(workdir / "export" / record["distill"]["predictions"])
+    assert saved.shape == preds.shape == (record["distill"]["num_examples"],)
+    assert (saved == preds).mean() >= 0.98  # the same model and images (batching aside)
 
 
 def test_report_plots_and_tensorboard(smoke_run):

@@ -525,32 +525,11 @@ def test_bench_tflite_cli_lists_known_models(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_bench_tflite_times_a_reference_implementation_of_one_model(tmp_path):
-    """--reference=kecam on mobilevit_xxs alone: the same architecture from
-    keras-cv-attention-models, converted with the stock converter, is timed in the same run;
-    a model kecam lacks has no reference builder. (Both models, AMX allowed and denied: the
-    slow test below.)"""
-    require_module("keras_cv_attention_models")
-    rows = bench.bench_models(
-        ["mobilevit_xxs"], formats=["fp32"], outdir=str(tmp_path), warmup=1, runs=3, min_secs=0,
-        num_classes=10, references=["kecam"], log=lambda line: None,
-    )  # fmt: skip
-    ours, ref = (next(r for r in rows if r["implementation"] == i) for i in ("ours", "kecam"))
-    assert len(rows) == 2
-    assert ref["converter"] == "TFLiteConverter" and ours["converter"] == "compress.tflite.convert"
-    assert ref["path"] != ours["path"] and os.path.exists(ref["path"])
-    for r in (ours, ref):
-        assert r["error"] is None and r["p50_ms"] > 0 and r["partitions"] >= 1
-    assert "kecam" in bench.format_table(rows)
-    assert bench.reference_builder("kecam", "mobile_former_26m") is None
-    with pytest.raises(ValueError, match="--reference: unknown implementation 'nope'; known: kecam"):
-        bench.reference_builder("nope", "mobilevit_xxs")
-
-
 @pytest.mark.slow
 def test_bench_tflite_times_a_reference_implementation_beside_ours(tmp_path):
     """--reference=kecam: the same architecture from keras-cv-attention-models, converted with the
-    stock converter, is timed in the same run; models it lacks are skipped for it."""
+    stock converter, is timed in the same run; models it lacks are skipped for it (a minute of
+    builds and conversions: slow tier)."""
     require_module("keras_cv_attention_models")
     logs = []
     rows = bench.bench_models(
@@ -570,6 +549,10 @@ def test_bench_tflite_times_a_reference_implementation_beside_ours(tmp_path):
     for r in (ours, ref):
         assert r["error"] is None and r["p50_ms"] > 0 and r["partitions"] >= 1
     assert "kecam" in bench.format_table(rows)
+    assert bench.reference_builder("kecam", "mobile_former_26m") is None
+
+
+def test_an_unknown_reference_implementation_is_refused():
     with pytest.raises(ValueError, match="--reference: unknown implementation 'nope'; known: kecam"):
         bench.reference_builder("nope", "mobilevit_xxs")
 

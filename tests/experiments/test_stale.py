@@ -23,7 +23,7 @@ from PIL import Image
 REPO = pathlib.Path(__file__).resolve().parents[2]
 WORKER = ["-m", "tests.experiments.pipeline_cases"]
 SMALL = ["--config.teacher.steps=2", "--config.distill.steps=2", "--config.distill.baseline=false",
-         "--config.prune.method=magnitude", "--config.prune.steps=2", "--config.export.formats.distill=('fp32',)",
+         "--config.prune.steps=2", "--config.export.formats.distill=('fp32',)",
          "--config.export.formats.prune=('fp32',)"]
 
 
@@ -103,9 +103,9 @@ def runs(tmp_path_factory):
         argv("--stages=prune"),
         argv("--stages=distill", "--overwrite", "--config.distill.steps=3"),
         argv("--stages=export"),
-        argv("--stages=prune", "--overwrite", "--config.prune.target_sparsity=0.25"),
+        argv("--stages=prune", "--overwrite", "--config.prune.keep=0.6"),
         argv("--stages=prune,export,benchmark,report", "--overwrite",
-             "--config.prune.target_sparsity=0.25"),
+             "--config.prune.keep=0.6"),
     ])
     results.update(zip(names2, second))
     return wd, results
@@ -154,7 +154,7 @@ def test_overwrite_invalidates_the_stages_made_from_it(runs):
                               for s in ("distill", "prune", "export"))
     assert prune["components"]["upstream"]["distill"] == distill["fingerprint"]
     assert export["components"]["upstream"]["prune"] == prune["fingerprint"]
-    assert prune["components"]["config"]["target_sparsity"] == 0.25
+    assert prune["components"]["config"]["keep"] == 0.6
     assert _json(wd / "prune" / "metrics.json")["fingerprint"] == prune["fingerprint"]
 
 

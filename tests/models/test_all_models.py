@@ -1,8 +1,8 @@
 """One harness over every registered model (`models.list_models()`): the registry holds the
-contract's names, and each model has its exact parameter count, a finite forward pass of the
-right shape (at two sizes where it takes any size), gradients on every trainable weight, a clone
-and JSON-config round trip, an h5 weights round trip and an fp32 `export_tflite` file that agrees
-with Keras.
+contract's names, and each model has its exact parameter count, a QAT spec for every layer
+class (compress/quantize.py), a finite forward pass of the right shape (at two sizes where it
+takes any size), gradients on every trainable weight, a clone and JSON-config round trip, an h5
+weights round trip and an fp32 `export_tflite` file that agrees with Keras.
 
 Each model is built once for the whole file: the `model` fixture is module-scoped and every test
 takes its name through indirect parametrization, so pytest runs all checks of one model in a row
@@ -120,6 +120,20 @@ def test_registry_holds_the_contract_names():
 @over(NAMES)
 def test_exact_parameter_count(built):
     assert trainable_params(built.model) == models.get_model_info(built.name).params
+
+
+@over(NAMES)
+def test_every_layer_class_has_a_qat_spec(built):
+    """compress.quantize knows every layer class of the model: quantized, or kept float on
+    purpose (`coverage` raises, naming layer and class, for a class in neither table)."""
+    from compress import quantize as Q
+
+    table = Q.coverage(built.model)
+    for layer in built.model.layers:
+        if not isinstance(layer, keras.layers.InputLayer):
+            cls = type(layer).__name__
+            assert cls in Q.QUANTIZE or cls in Q.KEEP_FLOAT, (layer.name, cls)
+            assert cls in table
 
 
 @over(NAMES)

@@ -31,6 +31,19 @@ def _kd(kind="soft", alpha=0.5, temperature=2.0):
     return dict(kd_kind=kind, kd_alpha=alpha, kd_temperature=temperature)
 
 
+def preset_from_argv(argv: list[str], default: str = "smoke") -> str:
+    """The --preset value of a command line, read before flag parsing: it picks the config that
+    the --config.* overrides apply to (config_flags builds those override flags from the default
+    config). A value that is no preset gives `default`, and the --preset flag itself refuses it."""
+    preset = default
+    for i, a in enumerate(argv):
+        if a.startswith("--preset="):
+            preset = a.split("=", 1)[1]
+        elif a == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+    return preset if preset in PRESETS else default
+
+
 # Keys that were renamed, still accepted on the command line with a one-line note
 # (experiments.pipeline): old -> new.
 RENAMED = {f"{s}.{old}": f"{s}.kd_{old}" for s in ("prune", "qat")

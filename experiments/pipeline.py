@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from compress.training import STRATEGIES
-from experiments.configs import PRESETS, RENAMED, check
+from experiments.configs import PRESETS, RENAMED, check, preset_from_argv
 from experiments.fingerprint import STAGES
 _CONFIG_FILE = str(pathlib.Path(__file__).with_name("configs.py"))
 
@@ -61,18 +61,6 @@ flags.DEFINE_integer("export_size", None, "square input size of every exported f
                      "(default: the preset's evaluation size)")
 
 
-def _preset_from_argv(argv: list[str]) -> str:
-    """The --preset value, read before flag parsing: it picks the config that the --config.*
-    overrides apply to (config_flags builds those override flags from the default config)."""
-    preset = "smoke"
-    for i, a in enumerate(argv):
-        if a.startswith("--preset="):
-            preset = a.split("=", 1)[1]
-        elif a == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-    return preset if preset in PRESETS else "smoke"  # DEFINE_enum reports it
-
-
 def renamed_flags(argv: list[str]) -> list[str]:
     """`argv` with the renamed --config keys (configs.RENAMED) under their new names, and a
     one-line note on stderr for each."""
@@ -91,7 +79,7 @@ if __name__ == "__main__":  # before config_flags defines the --config.* overrid
 
 try:
     config_flags.DEFINE_config_file(
-        "config", f"{_CONFIG_FILE}:{_preset_from_argv(sys.argv)}",
+        "config", f"{_CONFIG_FILE}:{preset_from_argv(sys.argv)}",
         "preset config; set by --preset, override keys as --config.a.b=v", lock_config=True)
 except (KeyError, AttributeError) as e:  # an unknown --config.* key on the command line
     while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(msg))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.configs import PRESETS
+from experiments.configs import PRESETS, preset_from_argv
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -58,17 +58,8 @@ flags.DEFINE_integer("export_size", None, "the size the students are evaluated a
 flags.DEFINE_bool("overwrite", False, "retrain students whose config differs")
 
 
-def _preset(argv):
-    for i, a in enumerate(argv):
-        if a.startswith("--preset="):
-            return a.split("=", 1)[1]
-        if a == "--preset" and i + 1 < len(argv):
-            return argv[i + 1]
-    return "quick"
-
-
 config_flags.DEFINE_config_file(
-    "config", f"{REPO / 'experiments' / 'configs.py'}:{_preset(sys.argv)}",
+    "config", f"{REPO / 'experiments' / 'configs.py'}:{preset_from_argv(sys.argv, 'quick')}",
     "preset config; override keys as --config.a.b=v", lock_config=True)
 
 

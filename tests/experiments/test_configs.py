@@ -1,5 +1,5 @@
-"""Every numeric value of every preset has a range check (configs.check), and the presets
-pass their own checks."""
+"""Every numeric value of every preset has a range check (configs.check), the presets pass their
+own checks, and the preset is read from a command line before its flags are parsed."""
 
 import pytest
 
@@ -37,3 +37,13 @@ def test_check_names_key_value_and_accepted_range():
         "--config.prune.lr: nan is not accepted; accepted: a number > 0",
         "--config.qat.warmup_steps: 9 is not accepted; accepted: an integer in [0, steps=4]",
         "--config.qat.sampler.n_scales: 0 is not accepted; accepted: an integer >= 1"]
+
+
+def test_the_preset_is_read_from_the_command_line_before_flag_parsing():
+    preset_from_argv = configs.preset_from_argv
+    assert preset_from_argv(["prog", "--preset=quick", "--config.seed=1"]) == "quick"
+    assert preset_from_argv(["prog", "--preset", "full"]) == "full"
+    assert preset_from_argv(["prog"]) == "smoke"
+    assert preset_from_argv(["prog"], "quick") == "quick"
+    # a value that is no preset: the default config, and the --preset flag names the error
+    assert preset_from_argv(["prog", "--preset=medium"], "quick") == "quick"

@@ -24,7 +24,8 @@ results.csv rows of another benchmark fingerprint are removed when the benchmark
 
 Every input is checked before the first stage, and every refusal is one line naming the flag, the
 value and what is accepted: flag and --config values against their ranges (configs.check), the
---teacher file, the --workdir (created, locked against a second run), the --data splits.
+--teacher file, the --workdir (created, locked against a second run), the --data splits, then
+what needs the student built (how far a structured prune can shrink it, export.float_layers).
 Environment failures during a stage (a full disk) are one line too.
 """
 
@@ -168,7 +169,10 @@ def validate_flags():
         if value not in accepted:
             _fail(f"--config.{key}: {value!r} is not accepted; accepted: {accepted}")
     if c.prune.method == "structured" and "prune" in FLAGS.stages:
-        _validate_structured(c, info)
+        try:
+            structured.check_family(FLAGS.student)
+        except ValueError as e:
+            _fail(f"--config.prune.method=structured: {e}")
     elif c.prune.target_ms:
         _fail("--config.prune.target_ms: a latency budget needs --config.prune.method=structured "
               "(magnitude pruning leaves the file's work as it is)")
@@ -177,15 +181,32 @@ def validate_flags():
         _fail("--config.distill.teacher_cache.views: the teacher cache cannot be combined with "
               "data.randaugment, data.mixup or data.cutmix (the teacher scored unmodified views); "
               "turn those off or set --config.distill.teacher_cache.views=0")
-    if c.export.float_layers:  # globs of student layer names: check them before any training
+    return teacher
+
+
+def validate_against_the_student(c) -> None:
+    """The checks that need the student built (seconds, so they come after the cheap ones: the
+    flags, the workdir, the data): how far a structured prune can shrink it, and the layers
+    `export.float_layers` names. Still before any stage."""
+    import models
+
+    structured_keep = c.prune.method == "structured" and "prune" in FLAGS.stages
+    if not structured_keep and not c.export.float_layers:
+        return
+    info = models.get_model_info(FLAGS.student)
+    # the MACs are counted at the size the prune stage counts them: the training model's fixed
+    # size, else the export size
+    size = info.input_size(FLAGS.export_size, c.export.size)
+    student = models.create_model(FLAGS.student, num_classes=10, input_size=size)
+    if structured_keep:
+        _check_structured_keep(c, student, size)
+    if c.export.float_layers:  # globs of student layer names
         from compress.tflite.fast_int8 import layers_matching
 
         try:
-            layers_matching(models.create_model(FLAGS.student, num_classes=10),
-                             c.export.float_layers)
+            layers_matching(student, c.export.float_layers)
         except ValueError as e:
             _fail(f"--config.export.{e}")
-    return teacher
 
 
 def open_workdir(path: str) -> int:
@@ -231,21 +252,12 @@ def _disk_full_line(e: BaseException, stage: str, workdir: str) -> str:
             "(finished stages and checkpoints are kept)")
 
 
-def _validate_structured(c, info) -> None:
-    """--config.prune.method=structured: the family and whether the model can shrink as far as
-    `keep` says (compress/structured.py), before any training (`configs.check` has the ranges)."""
-    import models
+def _check_structured_keep(c, dense, size: int) -> None:
+    """--config.prune.method=structured: whether the model can shrink as far as `keep` says
+    (compress/structured.py); `configs.check` has the ranges."""
     from compress import structured
 
     p = c.prune
-    try:
-        structured.check_family(FLAGS.student)
-    except ValueError as e:
-        _fail(f"--config.prune.method=structured: {e}")
-    # the MACs are counted at the size the stage counts them: the training model's fixed size,
-    # else the export size
-    size = info.input_size(FLAGS.export_size, c.export.size)
-    dense = models.create_model(FLAGS.student, num_classes=10, input_size=size)
     smallest = structured.min_keep(dense, size, p.min_width)
     if not p.target_ms and p.keep < smallest:  # a latency budget: checked when prune starts
         _fail(f"--config.prune.keep={p.keep} is out of reach for {FLAGS.student}: structured "
@@ -269,6 +281,7 @@ def main(argv):
                          teacher_record=teacher)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: tfds offline
         _fail(" ".join(str(e).split()))
+    validate_against_the_student(FLAGS.config)
     if run.chief:  # what each stage is made from, checked before any work (fingerprint.py)
         from experiments.fingerprint import check_stages
 

@@ -168,7 +168,7 @@ def validate_flags():
     for key, (value, accepted) in checks.items():
         if value not in accepted:
             _fail(f"--config.{key}: {value!r} is not accepted; accepted: {accepted}")
-    if c.prune.method == "structured" and "prune" in FLAGS.stages:
+    if _prunes_structured(c):
         try:
             structured.check_family(FLAGS.student)
         except ValueError as e:
@@ -190,7 +190,7 @@ def validate_against_the_student(c) -> None:
     `export.float_layers` names. Still before any stage."""
     import models
 
-    structured_keep = c.prune.method == "structured" and "prune" in FLAGS.stages
+    structured_keep = _prunes_structured(c)
     if not structured_keep and not c.export.float_layers:
         return
     info = models.get_model_info(FLAGS.student)
@@ -250,6 +250,10 @@ def _disk_full_line(e: BaseException, stage: str, workdir: str) -> str:
     return (f"FATAL disk full in the {stage} stage writing {where}: {detail}; {free:,} bytes "
             f"free under --workdir={workdir}; free some space and run the same command again "
             "(finished stages and checkpoints are kept)")
+
+
+def _prunes_structured(c) -> bool:
+    return c.prune.method == "structured" and "prune" in FLAGS.stages
 
 
 def _check_structured_keep(c, dense, size: int) -> None:

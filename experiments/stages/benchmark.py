@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from experiments.stages.context import Run
+from experiments.stages.context import Run, StageRefused
 from experiments.stages.export import REFERENCE, keras_reference
 from experiments.workdir import StageDir, read_json
 
@@ -28,16 +28,16 @@ def run(ctx: Run, stage: StageDir) -> None:
     val = ctx.val_ds(size, limit=b.val_limit or None)  # a class-balanced subset
     val = [(x.numpy(), y.numpy()) for x, y in val]  # scored once per file, same images
     indices = eval_indices(ctx.val_src, b.val_limit or None)
-    per_stage = {}  # stage -> (Keras top-1 per image, static costs), read once
+    per_stage = {}  # stage -> the export stage's Keras reference: predictions, static costs
 
-    def stage_facts(stage_name):
+    def keras_facts(stage_name):
         if stage_name not in per_stage:
             ref = keras_reference(ctx.workdir, stage_name, indices)
             if ref is None:
-                raise SystemExit(f"benchmark: export/{REFERENCE} has no Keras reference of the "
-                                 f"{stage_name} stage (an export made by an older version); "
-                                 "redo it: --stages=export,benchmark --overwrite")
-            per_stage[stage_name] = (ref["predictions"], ref)
+                raise StageRefused(f"benchmark: export/{REFERENCE} has no Keras reference of the "
+                                   f"{stage_name} stage (an export made by an older version); "
+                                   "redo it: --stages=export,benchmark --overwrite")
+            per_stage[stage_name] = ref
         return per_stage[stage_name]
 
     def rel(path):
@@ -47,7 +47,7 @@ def run(ctx: Run, stage: StageDir) -> None:
 
     def file_info(path):
         meta = manifest[rel(path)]
-        costs = stage_facts(meta["stage"])[1]
+        costs = keras_facts(meta["stage"])
         return {"model": ctx.student, "stage": meta["stage"], "format": meta["format"],
                 "input_size": size, "params": costs["params"], "macs": costs["macs"],
                 "memory_traffic_bytes": costs["memory_traffic_bytes"],
@@ -60,5 +60,5 @@ def run(ctx: Run, stage: StageDir) -> None:
         str(ctx.workdir), [str(ctx.workdir / r) for r in sorted(manifest)],
         threads=threads, delegates=list(b.delegates), warmup=b.warmup, runs=b.runs,
         input_size=size, dataset=val, file_info=file_info, deny_amx=b.deny_amx,
-        reference_predictions=lambda path: stage_facts(manifest[rel(path)]["stage"])[0])
+        reference_predictions=lambda path: keras_facts(manifest[rel(path)]["stage"])["predictions"])
     stage.finish({"files": len(manifest)})

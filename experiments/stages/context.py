@@ -207,28 +207,35 @@ class Run:
             metrics["s_per_step"] = metrics["wall_s"] / (metrics["step"] - metrics["start_step"])
         return model, metrics
 
+    def val_logits(self, model, size, desc):
+        """`(float32 logits, labels)` of `model` (a Distiller or a plain model) per batch of the
+        whole validation split at `size`, in the split's order, under a progress bar `desc`."""
+        from tqdm.auto import tqdm
+
+        from models.compat import tf
+
+        with tqdm(total=self.val_src.num_examples, desc=desc, unit="img",
+                  disable=not self.chief) as bar:
+            for images, y in self.val_ds(size):
+                yield tf.cast(model(images, training=False), tf.float32), y
+                bar.update(len(y))
+
     def evaluate_and_save(self, folder, model, size, *, label_smoothing=0.0, logdir=None,
                            step=0) -> dict:
         """Top-1 and label loss (smoothed as in training) of `model` (a Distiller or a plain
         model) on the whole validation split; its per-image predictions go to
         `folder/val_predictions.npy` for the paired gain (experiments.summary), and `val/top1`,
         `val/loss` to TensorBoard under `logdir`."""
-        from tqdm.auto import tqdm
-
         from compress.distill import label_loss
         from experiments.summary import save_predictions
         from models.compat import tf
 
         preds, losses, labels = [], [], []
         desc = f"[{os.path.basename(folder)}] validation"
-        with tqdm(total=self.val_src.num_examples, desc=desc, unit="img",
-                  disable=not self.chief) as bar:
-            for images, y in self.val_ds(size):
-                logits = tf.cast(model(images, training=False), tf.float32)
-                preds.append(np.argmax(logits.numpy(), -1))
-                losses.append(label_loss(y, logits, label_smoothing=label_smoothing).numpy())
-                labels.append(y.numpy())
-                bar.update(len(labels[-1]))
+        for logits, y in self.val_logits(model, size, desc):
+            preds.append(np.argmax(logits.numpy(), -1))
+            losses.append(label_loss(y, logits, label_smoothing=label_smoothing).numpy())
+            labels.append(y.numpy())
         preds, labels = np.concatenate(preds), np.concatenate(labels)
         out = {"val_top1": float((preds == labels).mean()),
                "val_loss": float(np.concatenate(losses).mean())}

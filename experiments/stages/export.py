@@ -66,8 +66,8 @@ def record_keras_reference(ctx: Run, stage: StageDir, stage_name: str, model, si
     name = f"{stage_name}.keras_predictions.npy"
     if stage_name in record and (stage.path / name).exists():
         return
-    preds = np.concatenate([np.argmax(model(x, training=False).numpy(), -1)
-                            for x, _ in ctx.val_ds(size)]).astype(np.int32)
+    preds = np.concatenate([np.argmax(logits.numpy(), -1) for logits, _ in ctx.val_logits(
+        model, size, f"[export] {stage_name}: Keras reference")]).astype(np.int32)
     with atomic_path(stage.path / name) as tmp:
         np.save(tmp, preds)
     costs = static_costs(model, size)

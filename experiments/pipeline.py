@@ -269,13 +269,9 @@ def _check_structured_keep(c, dense, size: int) -> None:
               f"{p.min_width} of every block's units)")
 
 
-def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:  # TF's INFO chatter would bury the progress bars
-        logging.set_verbosity(logging.WARNING)
-    teacher = validate_flags()
-    lock = open_workdir(FLAGS.workdir)  # noqa: F841 - held until this process ends
+def _checked_run(teacher):
+    """The run's shared state, once data, strategy, the student and every requested stage's
+    inputs are checked (one line on failure, before any stage)."""
     from experiments import stages
 
     try:  # data sources and strategy: bad --data / --strategy values end here, in one line
@@ -293,6 +289,36 @@ def main(argv):
                                overwrite=FLAGS.overwrite)
         if refusal:
             sys.exit(f"FATAL {refusal}")
+    return run
+
+
+def _remove_if_untouched(workdir: pathlib.Path) -> None:
+    """Remove `workdir` if it holds nothing but lock files (workdir.lock_name) and empty
+    folders: what a refused run that created it leaves. Anything else in it is kept."""
+    entries = sorted(workdir.rglob("*"), reverse=True)  # children before their folders
+    if any(e.is_file() and not e.name.startswith(".lock") for e in entries):
+        return
+    for e in entries:
+        e.unlink() if e.is_file() else e.rmdir()
+    workdir.rmdir()
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # TF's INFO chatter would bury the progress bars
+        logging.set_verbosity(logging.WARNING)
+    teacher = validate_flags()
+    created = not pathlib.Path(FLAGS.workdir).exists()
+    lock = open_workdir(FLAGS.workdir)  # noqa: F841 - held until this process ends
+    try:
+        run = _checked_run(teacher)
+    except SystemExit:  # refused before any stage: a workdir this run made is not left behind
+        if created:
+            _remove_if_untouched(pathlib.Path(FLAGS.workdir))
+        raise
+    from experiments import stages
+
     start = time.time()
     for stage in STAGES:
         if stage in FLAGS.stages:

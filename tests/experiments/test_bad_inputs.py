@@ -8,6 +8,7 @@ TensorFlow once and runs each command line of `python -m experiments.pipeline` i
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -185,6 +186,20 @@ def test_bad_input_is_one_line(results, name, expected):
     # no stage ran (a latency budget is checked when the prune stage starts, before it trains)
     assert "starting" not in r["stdout"] or name in ("disk_full",
                                                       "structured_target_ms_out_of_reach"), r["stdout"]
+
+
+def test_a_refused_run_leaves_no_workdir_behind(results):
+    """Every case refused before its first stage names a workdir that did not exist: none is
+    left behind, including those refused after the workdir was made and locked (the data, the
+    teacher's head, the structured keep checked on the built student)."""
+    stages_ran = {"disk_full", "structured_target_ms_out_of_reach"}
+    left = []
+    for name, r in results.items():
+        wd = next(a.split("=", 1)[1] for a in r["argv"] if a.startswith("--workdir="))
+        if name not in stages_ran and "/wd_" in wd and pathlib.Path(wd).exists():
+            left.append((name, sorted(p.name for p in pathlib.Path(wd).rglob("*"))))
+    assert not left, left
+    assert any("/wd_" in a for r in results.values() for a in r["argv"])
 
 
 def test_a_renamed_config_key_is_accepted_with_a_note(results):

@@ -87,16 +87,19 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
 
 def gain_line(paired: dict, *, teacher_top1: float | None, kind: str = "soft") -> str:
     """The report's opening line from `paired_difference(baseline, distilled)`: teacher,
-    labels-only and distilled top-1, the gain with its paired interval, and a plain warning
-    when the teacher is below the labels-only student (distilling from it then teaches the
-    student a worse classifier than labels alone)."""
+    labels-only and distilled top-1, the gain with its paired interval (and what that interval
+    leaves out: the seed's training noise), and a plain warning when the teacher is below the
+    labels-only student (distilling from it then teaches the student a worse classifier than
+    labels alone)."""
     baseline_top1, distilled_top1 = paired["top1_a"], paired["top1_b"]
     teacher = "n/a" if teacher_top1 is None else f"{100 * teacher_top1:.1f}%"
     line = (f"**Distillation ({kind}):** teacher {teacher}, labels-only {100 * baseline_top1:.1f}%,"
             f" distilled {100 * distilled_top1:.1f}%; gain {100 * paired['diff']:+.1f} points "
             f"[95% CI {100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}; paired bootstrap "
             f"over the same {paired['n']} validation images; McNemar p = "
-            f"{paired['p_mcnemar']:.2g}].")
+            f"{paired['p_mcnemar']:.2g}]. The interval covers the choice of validation images,"
+            " not the training noise of one seed: `scripts/bench_gain.py` repeats the pair over"
+            " seeds.")
     if teacher_top1 is not None and teacher_top1 < baseline_top1:
         line += (" **Warning: the teacher is below the labels-only student; distilling from it "
                  "can only teach a worse classifier (train the teacher longer or give a better "

@@ -49,6 +49,7 @@ def test_gain_line_warns_when_teacher_is_below_baseline():
     good = gain_line(r, teacher_top1=0.8)
     assert "teacher 80.0%, labels-only 60.0%, distilled 70.0%; gain +10.0 points" in good
     assert "Warning" not in good
+    assert "not the training noise of one seed" in good  # a single run's interval says so
     bad = gain_line(r, teacher_top1=0.5)
     assert "Warning: the teacher is below the labels-only student" in bad
     with pytest.raises(ValueError, match="same length"):
